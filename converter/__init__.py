@@ -1,0 +1,1 @@
+"""Caffe schema, prototxt/caffemodel I/O and the NetParameter → PyTorch translation."""

@@ -1,0 +1,14 @@
+"""The one exception type for user mistakes.
+
+The CLI catches :class:`CaffeError`, prints its message as a single line and exits with code 2;
+anything else escaping is an internal bug and may traceback.
+"""
+
+
+class CaffeError(Exception):
+    """A user-facing error: bad file, bad field, shapes that do not fit, missing data."""
+
+
+def layer_error(layer_name: str, layer_type: str, message: str) -> CaffeError:
+    """An error that names the layer it happened in, as every build-time check should."""
+    return CaffeError(f"layer '{layer_name}' ({layer_type}): {message}")

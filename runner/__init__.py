@@ -1,0 +1,1 @@
+"""Solvers, the training loop, the CLI, ONNX export and per-layer probes."""

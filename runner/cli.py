@@ -1,0 +1,88 @@
+"""``egomotion``: the command line, verbs and flags spelled like Caffe's tools.
+
+Every verb lives in its own module; this file only parses arguments and turns a :class:`CaffeError`
+(any user mistake) into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from converter.errors import CaffeError
+
+
+def _shape(text: str) -> tuple[str, tuple[int, ...]]:
+    name, sep, dims = text.partition("=")
+    try:
+        shape = tuple(int(d) for d in dims.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if not sep or not name or not shape or any(d <= 0 for d in shape):
+        raise argparse.ArgumentTypeError(f"expected name=N,C,H,W with positive sizes, got '{text}'")
+    return name, shape
+
+
+def _named_file(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected name=file.npy, got '{text}'")
+    return name, path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="egomotion", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("check", help="parse, upgrade, filter and build a net or solver; print its layers")
+    p.add_argument("file", help="a net .prototxt/.caffemodel or a solver .prototxt")
+    p.add_argument("--phase", default=None, help="TRAIN or TEST (default: the net's state, TEST)")
+    p.add_argument("--level", type=int, default=0)
+    p.add_argument("--stage", action="append", default=[], help="a NetState stage (repeatable)")
+    p.add_argument("--shape", type=_shape, action="append", default=[],
+                   help="name=N,C,H,W for a data layer top whose source is absent (repeatable)")
+
+    p = sub.add_parser("upgrade", help="write a V0/V1 net (or old solver) as upgraded V2 text")
+    p.add_argument("input")
+    p.add_argument("output")
+
+    p = sub.add_parser("forward", help="one forward (and backward) pass, every blob dumped as .npy")
+    p.add_argument("--model", required=True)
+    p.add_argument("--weights", default=None)
+    p.add_argument("--input", type=_named_file, action="append", default=[], help="blob=file.npy")
+    p.add_argument("--phase", default="TEST")
+    p.add_argument("--stage", action="append", default=[])
+    p.add_argument("--backward", action="store_true")
+    p.add_argument("--top-diff", type=_named_file, action="append", default=[], help="blob=file.npy")
+    p.add_argument("--dump", required=True, help="folder for <blob>.npy, diffs/, param_diffs/")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        if args.verb == "check":
+            from runner.check import check
+
+            return check(args)
+        if args.verb == "upgrade":
+            from runner.check import upgrade
+
+            return upgrade(args)
+        if args.verb == "forward":
+            from runner.forward import forward
+
+            return forward(args)
+    except CaffeError as e:
+        print(f"egomotion {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"egomotion {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
