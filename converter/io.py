@@ -39,9 +39,12 @@ def _read_bytes(path: str | os.PathLike) -> bytes:
 
 
 def parse_text(text: str, message: pb_message.Message, path: str | os.PathLike = "<text>") -> None:
-    """Merge prototxt ``text`` into ``message``; a syntax error becomes ``path:line:col: message``."""
+    """Parse prototxt ``text`` into ``message``; a syntax error becomes ``path:line:col: message``.
+
+    ``Parse`` (not ``Merge``), like Caffe's TextFormat::Parse: a non-repeated field given twice is an error.
+    """
     try:
-        text_format.Merge(text, message)
+        text_format.Parse(text, message)
     except text_format.ParseError as e:
         line, col = e.GetLine(), e.GetColumn()
         detail = str(e)
@@ -246,8 +249,7 @@ def _upgrade_v0(net: caffe_pb2.NetParameter, path) -> caffe_pb2.NetParameter:
                 sub.CopyFrom(value)
             elif isinstance(value, pb_message.Message):
                 getattr(sub, sub_field).CopyFrom(value)
-            elif sub.DESCRIPTOR.fields_by_name[sub_field].label == sub.DESCRIPTOR.fields_by_name[
-                    sub_field].LABEL_REPEATED:
+            elif sub.DESCRIPTOR.fields_by_name[sub_field].is_repeated:
                 getattr(sub, sub_field).append(value)
             else:
                 setattr(sub, sub_field, value)
@@ -378,8 +380,8 @@ def state_meets_rule(state: caffe_pb2.NetState, rule: caffe_pb2.NetStateRule) ->
     return all(s in stages for s in rule.stage) and not any(s in stages for s in rule.not_stage)
 
 
-def filter_net(net: caffe_pb2.NetParameter, state: caffe_pb2.NetState | None = None
-               ) -> caffe_pb2.NetParameter:
+def filter_net(net: caffe_pb2.NetParameter, state: caffe_pb2.NetState | None = None,
+               path: str | os.PathLike = "") -> caffe_pb2.NetParameter:
     """The net as Caffe builds it for ``state`` (default: the net's own ``state``)."""
     if state is None:
         state = net.state
@@ -389,7 +391,8 @@ def filter_net(net: caffe_pb2.NetParameter, state: caffe_pb2.NetState | None = N
     out.state.CopyFrom(state)
     for lp in net.layer:
         if len(lp.include) and len(lp.exclude):
-            raise CaffeError(f"layer '{lp.name}': specify either include rules or exclude rules, not both")
+            where = f"{path}: " if path else ""
+            raise CaffeError(f"{where}layer '{lp.name}': specify either include rules or exclude rules, not both")
         included = not len(lp.include)
         if any(state_meets_rule(state, r) for r in lp.exclude):
             included = False

@@ -3,27 +3,44 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from converter import caffe_pb2
-from converter.errors import CaffeError
-from converter.io import filter_net, net_state, read_message, read_net, upgrade_net, upgrade_solver, write_message
+from converter.io import (
+    BINARY_SUFFIXES,
+    filter_net,
+    net_state,
+    read_message,
+    read_net,
+    upgrade_net,
+    upgrade_solver,
+    write_message,
+)
 from converter.net import CaffeNet
 from runner.solver_nets import solver_nets
 
 
-def load_net_or_solver(path: str) -> caffe_pb2.NetParameter | caffe_pb2.SolverParameter:
-    """A file is a solver when it parses as a SolverParameter and not as a NetParameter."""
-    if Path(path).suffix.lower() in (".caffemodel", ".binaryproto"):
-        return read_net(path)
+def _first_field(path: str) -> str:
+    """The first field name of a prototxt (comments skipped), or "" if there is none."""
     try:
-        return read_net(path)
-    except CaffeError as net_error:
-        try:
-            solver = read_message(path, caffe_pb2.SolverParameter())
-        except CaffeError:
-            raise net_error from None
-        return upgrade_solver(solver, path)
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+    for line in text.splitlines():
+        match = re.match(r"\s*([A-Za-z_]\w*)", line.split("#", 1)[0])
+        if match:
+            return match.group(1)
+    return ""
+
+
+def load_net_or_solver(path: str) -> caffe_pb2.NetParameter | caffe_pb2.SolverParameter:
+    """A text file whose first field belongs to SolverParameter (and not NetParameter) is a solver."""
+    first = _first_field(path) if Path(path).suffix.lower() not in BINARY_SUFFIXES else ""
+    solver_fields = caffe_pb2.SolverParameter.DESCRIPTOR.fields_by_name
+    if first in solver_fields and first not in caffe_pb2.NetParameter.DESCRIPTOR.fields_by_name:
+        return upgrade_solver(read_message(path, caffe_pb2.SolverParameter()), path)
+    return read_net(path)
 
 
 def _fmt(shape: tuple[int, ...]) -> str:
@@ -70,7 +87,7 @@ def check(args: argparse.Namespace) -> int:
         state = net_state(args.phase if args.phase else loaded.state.phase, args.level, args.stage)
         if args.phase is None and not args.stage:
             state.MergeFrom(loaded.state)
-        nets = [("net", filter_net(loaded, state), state)]
+        nets = [("net", filter_net(loaded, state, args.file), state)]
     for label, proto, _ in nets:
         shapes = {**peek_data_shapes(proto), **given}
         check_one(label, proto, shapes)

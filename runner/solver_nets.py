@@ -47,7 +47,7 @@ def train_net(solver: caffe_pb2.SolverParameter, path: str) -> tuple[caffe_pb2.N
     state = caffe_pb2.NetState(phase=caffe_pb2.TRAIN)
     state.MergeFrom(net.state)
     state.MergeFrom(solver.train_state)
-    return filter_net(net, state), state
+    return filter_net(net, state, path), state
 
 
 def test_nets(solver: caffe_pb2.SolverParameter, path: str) -> Nets:
@@ -80,7 +80,7 @@ def test_nets(solver: caffe_pb2.SolverParameter, path: str) -> Nets:
         state.MergeFrom(net.state)
         if len(solver.test_state):
             state.MergeFrom(solver.test_state[k])
-        nets.append((f"test net #{k}", filter_net(net, state), state))
+        nets.append((f"test net #{k}", filter_net(net, state, path), state))
     return nets
 
 
