@@ -450,9 +450,14 @@ def blob_shape(blob: caffe_pb2.BlobProto) -> tuple[int, ...]:
     """A BlobProto's shape: ``shape.dim`` or, for legacy blobs, (num, channels, height, width)."""
     if blob.HasField("shape"):
         return tuple(int(d) for d in blob.shape.dim)
-    if any(blob.HasField(f) for f in ("num", "channels", "height", "width")):
+    if is_legacy_blob(blob):
         return (blob.num, blob.channels, blob.height, blob.width)
-    return (len(blob.data) or len(blob.double_data),) if (len(blob.data) or len(blob.double_data)) else ()
+    return ()  # Caffe writes a 0-axis blob (e.g. PReLU's shared slope) with an empty shape
+
+
+def is_legacy_blob(blob: caffe_pb2.BlobProto) -> bool:
+    """A blob saved before N-D blobs: num/channels/height/width instead of ``shape``."""
+    return any(blob.HasField(f) for f in ("num", "channels", "height", "width"))
 
 
 def blob_to_array(blob: caffe_pb2.BlobProto, what: str = "blob") -> np.ndarray:

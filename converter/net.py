@@ -128,7 +128,7 @@ class CaffeNet(nn.Module):
         uses = []
         for i, spec in enumerate(specs):
             ps = lp.param[i] if i < len(lp.param) else caffe_pb2.ParamSpec()
-            statistic = getattr(spec, "statistic", False)
+            statistic = getattr(layer, "fixed_blobs", False)
             if statistic and ps.HasField("lr_mult") and ps.lr_mult != 0:
                 raise layer_error(lp.name, lp.type, f"blob {i} holds statistics, it cannot have a "
                                   f"non-zero lr_mult ({ps.lr_mult})")

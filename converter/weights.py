@@ -11,7 +11,7 @@ import torch
 
 from converter import caffe_pb2
 from converter.errors import CaffeError
-from converter.io import array_to_blob, blob_shape, blob_to_array, read_net, write_message
+from converter.io import array_to_blob, blob_shape, blob_to_array, is_legacy_blob, read_net, write_message
 from converter.net import CaffeNet
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def copy_trained_layers(net: CaffeNet, source: caffe_pb2.NetParameter, what: str
                                  f"{len(uses)} in the net")
             for j, (blob, use) in enumerate(zip(src.blobs, uses, strict=True)):
                 shape = blob_shape(blob)
-                legacy = not blob.HasField("shape")
+                legacy = is_legacy_blob(blob)
                 if not _legacy_shape_equals(shape, use.shape, legacy):
                     raise CaffeError(f"{what}: cannot copy param {j} of layer '{src.name}': shape mismatch, "
                                      f"file has {shape}, net has {use.shape} (rename the layer to "

@@ -9,12 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from golden import GOLDEN, check_layers_of_case, require_golden
 from google.protobuf import text_format
 
 from converter import caffe_pb2
 from converter.errors import CaffeError
 from converter.layers import layer_class
+from tests.golden import GOLDEN, check_layers_of_case, require_golden
 
 FLT_MIN = np.finfo(np.float32).tiny
 

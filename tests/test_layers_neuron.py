@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from golden import check_layers_of_case
 from google.protobuf import text_format
 
 from converter import caffe_pb2
 from converter.errors import CaffeError
+from tests.golden import check_layers_of_case
 
 TRAIN, TEST = caffe_pb2.TRAIN, caffe_pb2.TEST
 

@@ -190,6 +190,17 @@ def test_pool_empty_windows_are_caffes():
     assert np.isnan(top[0, 0, 16, 0]) and np.isnan(top[0, 0, 3, 16]) and top[0, 0, 15, 15] == 1
 
 
+def test_pool_max_values_not_above_minus_flt_max_never_win():
+    # Caffe starts at -FLT_MAX and replaces on '>': windows of only -inf / -FLT_MAX give -FLT_MAX,
+    # mask -1 and no gradient.
+    x = np.array([[[[-np.inf, -FLT_MAX, -np.inf, -np.inf], [-np.inf, -np.inf, -np.inf, 2.0]]]], np.float32)
+    layer = make("pooling_param { pool: MAX kernel_size: 2 stride: 2 }", x.shape, layer_type="Pooling", tops=2)
+    (top, mask), grads, _ = run(layer, x, top_diff=np.ones((1, 1, 1, 2), np.float32))
+    np.testing.assert_array_equal(top[0, 0], [[-FLT_MAX, 2]])
+    np.testing.assert_array_equal(mask[0, 0], [[-1, 7]])
+    np.testing.assert_array_equal(grads[0][0, 0], [[0, 0, 0, 0], [0, 0, 0, 1]])
+
+
 def test_pool_ave_divisor_counts_padding_not_overhang():
     # 4x4 ones, k3 s2 p1 -> 3x3. Windows along an axis: [-1,2) [1,4) [3,6)->[3,5): divisors 3, 3, 2
     # (the row beyond H + pad = 5 is not counted), real elements 2, 3, 1.

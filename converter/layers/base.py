@@ -12,6 +12,7 @@ passes them to :meth:`Layer.forward`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -63,6 +64,11 @@ class BlobSpec:
 
     shape: Shape
     filler: caffe_pb2.FillerParameter
+
+
+def count(shape: tuple[int, ...] | list[int], start: int = 0, end: int | None = None) -> int:
+    """Caffe's ``Blob::count(start, end)``: the product of ``shape[start:end]`` (1 for an empty range)."""
+    return math.prod(shape[start:end])
 
 
 def constant_filler(value: float) -> caffe_pb2.FillerParameter:

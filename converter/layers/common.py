@@ -19,15 +19,10 @@ import numpy as np
 import torch
 
 from converter import caffe_pb2
-from converter.layers.base import BlobSpec, Layer, Shape, constant_filler, register
+from converter.layers.base import BlobSpec, Layer, Shape, constant_filler, count, register
 
 EltwiseOp = caffe_pb2.EltwiseParameter
 ReductionOp = caffe_pb2.ReductionParameter
-
-
-def count(shape: Sequence[int], start: int = 0, end: int | None = None) -> int:
-    """Caffe's ``Blob::count(start, end)``: the product of ``shape[start:end]`` (1 for an empty range)."""
-    return math.prod(shape[start:end])
 
 
 def _fmt(shape: Sequence[int]) -> str:

@@ -9,15 +9,13 @@ log clamps, ContrastiveLoss's ``1e-4``) a small ``torch.autograd.Function`` repr
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from converter import caffe_pb2
 from converter.errors import CaffeError
 from converter.io import read_blobproto
-from converter.layers.base import Layer, Shape, register
+from converter.layers.base import Layer, Shape, count, register
 
 Tensor = torch.Tensor
 Normalization = caffe_pb2.LossParameter.NormalizationMode
@@ -29,11 +27,6 @@ LOG_THRESHOLD = 1e-20  # kLOG_THRESHOLD (loss_layer.hpp): InfogainLoss, Multinom
 # ---------------------------------------------------------------------------------------------
 # Shared helpers
 # ---------------------------------------------------------------------------------------------
-def count(shape: Shape, start: int = 0, end: int | None = None) -> int:
-    """Caffe's ``Blob::count(start, end)``: the product of the axes in [start, end)."""
-    return math.prod(shape[start:end])
-
-
 def legacy_dim(layer: Layer, shape: Shape, index: int) -> int:
     """Caffe's ``Blob::LegacyShape`` (num/channels/height/width): 1 past the last axis, at most 4 axes."""
     layer.check(len(shape) <= 4, f"cannot use legacy accessors on blobs with > 4 axes (shape {shape})")

@@ -1,0 +1,109 @@
+"""``egomotion forward``: one forward (and backward) pass with every blob written as ``.npy``.
+
+The dump has the layout of ``../shared/reference/golden`` (``<blob>.npy``, ``diffs/<blob>.npy``,
+``param_diffs/<layer>.<i>.npy``, '/' written as '__'), so any golden case can be checked from the
+command line. Backward follows ``Net::ForwardBackward``: loss layers seed their own gradient with
+their loss_weight; ``--top-diff`` sets the gradient arriving at other output blobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from converter.errors import CaffeError
+from converter.io import filter_net, net_state, read_net
+from converter.net import CaffeNet
+from converter.weights import load_weights
+
+
+def file_name(name: str) -> str:
+    return name.replace("/", "__")
+
+
+def _load_array(name: str, path: str) -> torch.Tensor:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise CaffeError(f"{path}: cannot read array for blob '{name}' ({e})") from None
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def run_forward(net: CaffeNet, inputs: dict[str, torch.Tensor], backward: bool,
+                top_diffs: dict[str, torch.Tensor]) -> tuple[dict, dict, dict, torch.Tensor]:
+    """(blobs, blob diffs, param diffs, loss). Diffs refer to each blob's first value, as Caffe's do."""
+    for name in top_diffs:
+        if name not in net.outputs:
+            raise CaffeError(f"--top-diff {name}: not an output blob of the net (outputs: {', '.join(net.outputs)})")
+    if backward:
+        inputs = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    versions: dict[str, list[torch.Tensor]] = {}
+    with torch.set_grad_enabled(backward):
+        for v in net.params:
+            v.grad = None
+        blobs = net.forward(inputs, versions)
+        loss = net.loss(blobs)
+    blob_diffs: dict[str, np.ndarray] = {}
+    param_diffs: dict[str, np.ndarray] = {}
+    if backward:
+        firsts = {name: vs[0] for name, vs in versions.items()}
+        for t in firsts.values():
+            if t.requires_grad and not t.is_leaf:
+                t.retain_grad()
+        roots, grads = [], []
+        if loss.requires_grad:
+            roots.append(loss)
+            grads.append(torch.ones_like(loss))
+        for name, diff in top_diffs.items():
+            top = blobs[name]
+            if tuple(diff.shape) != tuple(top.shape):
+                raise CaffeError(f"--top-diff {name}: shape {tuple(diff.shape)} != blob shape {tuple(top.shape)}")
+            if top.requires_grad:
+                roots.append(top)
+                grads.append(diff)
+        if roots:
+            torch.autograd.backward(roots, grads)
+        for name, t in firsts.items():
+            g = t.grad
+            blob_diffs[name] = (g if g is not None else torch.zeros_like(t)).detach().numpy()
+        for lp, uses in zip(net.layer_params, net.blob_uses, strict=True):
+            for j, use in enumerate(uses):
+                p = net.params[use.learnable]
+                g = p.grad if p.grad is not None else torch.zeros_like(p)
+                param_diffs[f"{lp.name}.{j}"] = g.detach().reshape(use.shape).numpy()
+    return blobs, blob_diffs, param_diffs, loss.detach()
+
+
+def forward(args: argparse.Namespace) -> int:
+    proto = read_net(args.model)
+    proto = filter_net(proto, net_state(args.phase, 0, args.stage), args.model)
+    inputs = {name: _load_array(name, path) for name, path in args.input}
+    shapes = {name: tuple(t.shape) for name, t in inputs.items()}
+    net = CaffeNet(proto, shapes)
+    missing = [t for t in net.input_shapes() if t not in inputs]
+    if missing:
+        raise CaffeError(f"{args.model}: no --input given for data blob(s) {', '.join(missing)}")
+    for name, t in inputs.items():
+        if name in net.input_shapes() and tuple(t.shape) != net.input_shapes()[name]:
+            raise CaffeError(f"--input {name}: shape {tuple(t.shape)} != the net's {net.input_shapes()[name]}")
+    if args.weights:
+        for path in args.weights.split(","):
+            load_weights(net, path)
+    top_diffs = {name: _load_array(name, path) for name, path in args.top_diff}
+    blobs, blob_diffs, param_diffs, loss = run_forward(net, inputs, args.backward, top_diffs)
+    out = Path(args.dump)
+    for sub in ([out, out / "diffs", out / "param_diffs"] if args.backward else [out]):
+        sub.mkdir(parents=True, exist_ok=True)
+    for name, value in blobs.items():
+        np.save(out / f"{file_name(name)}.npy", value.detach().numpy())
+    for name, value in blob_diffs.items():
+        np.save(out / "diffs" / f"{file_name(name)}.npy", value)
+    for name, value in param_diffs.items():
+        np.save(out / "param_diffs" / f"{file_name(name)}.npy", value)
+    (out / "loss.txt").write_text(f"{float(loss):.9g}\n")
+    print(f"wrote {len(blobs)} blobs{f', {len(blob_diffs)} diffs' if args.backward else ''} to {out}; "
+          f"loss = {float(loss):.6g}")
+    return 0
