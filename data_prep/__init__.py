@@ -1,0 +1,1 @@
+"""Data preparation: IDX/MNIST, KITTI odometry and image lists into Caffe Datum LMDBs."""
