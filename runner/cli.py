@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     except CaffeError as e:
         print(f"egomotion {args.verb}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"egomotion {args.verb}: interrupted", file=sys.stderr)
         return 130
