@@ -28,6 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from converter import caffe_pb2
 from converter.errors import CaffeError
 from data_prep.idx import read_idx
 
@@ -204,3 +205,72 @@ def generate_pairs(images: np.ndarray, count: int, seed: int, chunk: int = 10000
             out[i, 0], out[i, 1] = (moved, original) if moved_first[i] else (original, moved)
         classes = np.stack([xc, yc, rot // 3], axis=1).astype(np.uint8)
         yield PairChunk(out, classes, sfa_flag(classes), idx, tx, ty, angle, moved_first)
+
+
+# ---------------------------------------------------------------------------------------------------
+# LMDBs
+# ---------------------------------------------------------------------------------------------------
+MANIFEST_HEADER = "key\tdigit\ttx\tty\tangle\tmoved_first\tclass_x\tclass_y\tclass_z\tsfa\n"
+
+
+def write_pair_lmdbs(images: np.ndarray, count: int, seed: int, image_db: str | os.PathLike,
+                     label_db: str | os.PathLike, manifest: str | os.PathLike | None = None,
+                     mode: str = "new", progress=None) -> dict[str, np.ndarray]:
+    """The thesis's two aligned LMDBs (pairs + SFA flag, and 3-byte motion labels), keys ``%08d``.
+
+    Returns the class histograms per axis. ``progress(done, total)`` is called after every chunk.
+    """
+    from data_prep.lmdb_io import LMDBWriter, caffe_key
+
+    histogram = {axis: np.zeros(n, np.int64) for axis, n in (("x", 7), ("y", 7), ("z", 20), ("sfa", 2))}
+    manifest_file = None
+    if manifest is not None:
+        manifest_path = Path(manifest)
+        manifest_file = open(manifest_path.with_name(manifest_path.name + ".partial"), "w")  # noqa: SIM115
+        manifest_file.write(MANIFEST_HEADER)
+    done = 0
+    # Two reused Datum messages: building a message per record costs more than the warp itself.
+    pair_datum = caffe_pb2.Datum(channels=2, height=images.shape[1], width=images.shape[2], encoded=False)
+    label_datum = caffe_pb2.Datum(channels=3, height=1, width=1, label=0, encoded=False)
+    # Large transactions: each commit is an fsync, the cost that dominates small records.
+    with LMDBWriter(image_db, mode, commit_every=20000) as pairs_out, \
+            LMDBWriter(label_db, mode, commit_every=20000) as labels_out:
+        for chunk in generate_pairs(images, count, seed):
+            keys = [caffe_key(done + i) for i in range(len(chunk.sfa))]
+            for i, key in enumerate(keys):
+                pair_datum.data = chunk.images[i].tobytes()
+                pair_datum.label = int(chunk.sfa[i])
+                pairs_out.put(key, pair_datum.SerializeToString())
+                label_datum.data = chunk.classes[i].tobytes()
+                labels_out.put(key, label_datum.SerializeToString())
+            if manifest_file is not None:
+                table = np.column_stack([chunk.digit, chunk.tx, chunk.ty, chunk.angle, chunk.moved_first.astype(int),
+                                         chunk.classes, chunk.sfa]).astype(str)
+                manifest_file.write("".join(f"{key.decode()}\t{chr(9).join(row)}\n" for key, row in zip(keys, table)))
+            for j, axis in enumerate("xyz"):
+                histogram[axis] += np.bincount(chunk.classes[:, j], minlength=len(histogram[axis]))
+            histogram["sfa"] += np.bincount(chunk.sfa, minlength=2)
+            done += len(chunk.sfa)
+            if progress:
+                progress(done, count)
+    if manifest_file is not None:
+        manifest_file.close()
+        Path(manifest_file.name).replace(manifest)
+    return histogram
+
+
+def write_digit_lmdb(images: np.ndarray, labels: np.ndarray, path: str | os.PathLike, mode: str = "new") -> None:
+    """Plain 1×28×28 digit Datums with their class (the fine-tuning sets), keys ``%08d``."""
+    from data_prep.datum import array_to_datum
+    from data_prep.lmdb_io import LMDBWriter, caffe_key
+
+    with LMDBWriter(path, mode) as out:
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+            out.put(caffe_key(i), array_to_datum(image[None], int(label)).SerializeToString())
+
+
+def labelled_subset(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """``count`` training indices drawn at random (seeded) — the thesis's shuffled subsets of 100 … 10000."""
+    if count > len(labels):
+        raise CaffeError(f"asked for {count} labelled digits, only {len(labels)} available")
+    return np.random.default_rng(seed).permutation(len(labels))[:count]

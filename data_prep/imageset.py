@@ -1,0 +1,203 @@
+"""Caffe's ``tools/convert_imageset.cpp`` and ``tools/compute_image_mean.cpp``.
+
+``convert_imageset ROOT/ LIST DB``: each list line is ``<path> <label>`` (split at the *last* space, as
+Caffe's ``find_last_of(' ')``); the image ``ROOT + path`` (plain string concatenation) is read with
+OpenCV (BGR, or gray with ``--gray``), resized with ``cv::resize`` (INTER_LINEAR, aspect not kept) when
+both ``--resize_height`` and ``--resize_width`` are set, and stored under the key
+``%08d_<path>`` (the line's index after the optional shuffle) as a raw Datum (``CVMatToDatum``) or,
+with ``--encoded``/``--encode_type``, as encoded bytes: the file's own bytes when the image needs no
+change (same colour mode, no resize, extension matching the encoding — ``ReadImageToDatum``),
+otherwise ``cv::imencode('.' + type)``. Transactions are committed every 1000 images.
+
+Differences from Caffe, all on bad input: a missing or unreadable image is an error naming the list
+line (Caffe logs it and skips the line), and ``--check_size`` compares image shapes (also for encoded
+images, where Caffe's check compares byte counts).
+
+``compute_image_mean DB [MEAN]``: the float32 sum of every Datum (encoded ones decoded natively),
+accumulated record by record in key order exactly as Caffe's ``float`` BlobProto accumulates, divided
+by the count; written as a legacy ``num=1, channels, height, width`` BlobProto.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from converter.errors import CaffeError
+from converter.io import write_blobproto
+from data_prep.datum import datum_to_array, encoded_datum, image_to_datum, parse_datum
+from data_prep.lmdb_io import LMDBReader, LMDBWriter, caffe_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ListEntry:
+    line: int  # 1-based line number in the list file
+    path: str
+    label: int
+
+
+def read_list(listfile: str | os.PathLike) -> list[ListEntry | None]:
+    """``<path> <label>`` lines, split at the last space; blank lines are None (they keep their index).
+
+    Caffe parses the label with ``atoi`` (garbage → 0); here a line without an integer label is an error.
+    """
+    try:
+        text = Path(listfile).read_text()
+    except OSError as e:
+        raise CaffeError(f"cannot read list file '{listfile}' ({e.strerror})") from None
+    lines = text.split("\n")
+    if text.endswith("\n"):
+        lines.pop()  # getline() yields no empty line after the final newline
+    entries: list[ListEntry | None] = []
+    for n, raw in enumerate(lines, start=1):
+        line = raw.rstrip("\r")
+        if not line.strip():
+            entries.append(None)
+            continue
+        path, sep, label = line.rpartition(" ")
+        try:
+            value = int(label.strip())
+        except ValueError:
+            value = None
+        if not sep or not path or value is None or not -2**31 <= value < 2**31:
+            raise CaffeError(f"{listfile}:{n}: expected '<path> <integer label>', got '{line}'")
+        entries.append(ListEntry(n, path, value))
+    if not any(entries):
+        raise CaffeError(f"{listfile}: the list is empty")
+    return entries
+
+
+def read_image(filename: str, height: int = 0, width: int = 0, is_color: bool = True) -> np.ndarray | None:
+    """``ReadImageToCVMat``: imread colour (BGR) or gray, then resize to width×height if both are set."""
+    img = cv2.imread(filename, cv2.IMREAD_COLOR if is_color else cv2.IMREAD_GRAYSCALE)
+    if img is None:
+        return None
+    if height > 0 and width > 0:
+        img = cv2.resize(img, (width, height))
+    return img
+
+
+def _match_ext(filename: str, encoding: str) -> bool:
+    """``matchExt`` in io.cpp: the file's extension is the encoding (``jpeg`` counts as ``jpg``)."""
+    ext = filename.rsplit(".", 1)[-1].lower() if "." in filename else ""
+    enc = encoding.lower()
+    return ext == enc or (enc == "jpg" and ext == "jpeg")
+
+
+def _ordered(fn: Callable, items: Iterable, threads: int) -> Iterator:
+    """``map(fn, items)`` on a thread pool (OpenCV releases the GIL), in order, a bounded window ahead."""
+    if threads <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        window: deque = deque()
+        for item in items:
+            window.append(pool.submit(fn, item))
+            if len(window) >= 4 * threads:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+
+def convert_imageset(root: str, listfile: str | os.PathLike, db: str | os.PathLike, *, gray: bool = False,
+                     shuffle: bool = False, resize_height: int = 0, resize_width: int = 0,
+                     check_size: bool = False, encoded: bool = False, encode_type: str = "",
+                     mode: str = "new", seed: int | None = None, commit_every: int = 1000,
+                     threads: int | None = None) -> dict[str, int]:
+    """Write the listed images into an LMDB of Datums as Caffe's convert_imageset; returns counts."""
+    is_color = not gray
+    resize_height, resize_width = max(0, resize_height), max(0, resize_width)
+    entries = read_list(listfile)
+    if shuffle:
+        order = np.random.default_rng(seed).permutation(len(entries))
+        entries = [entries[i] for i in order]
+    if encode_type and not encoded:
+        log.info("encode_type specified, assuming encoded=true.")
+    threads = threads if threads is not None else min(8, os.cpu_count() or 1)
+
+    def encoding_for(entry: ListEntry) -> str:
+        if encode_type or not encoded:
+            return encode_type
+        if "." not in entry.path:
+            raise CaffeError(f"{listfile}:{entry.line}: cannot guess the encoding of '{entry.path}' (no extension); "
+                             "pass --encode_type")
+        return entry.path.rsplit(".", 1)[1].lower()
+
+    def load(job: tuple[int, ListEntry]) -> tuple[int, ListEntry, bytes, tuple[int, ...]]:
+        """``ReadImageToDatum`` for one line: the serialized Datum and the image's shape."""
+        line_id, entry = job
+        filename = root + entry.path
+        img = read_image(filename, resize_height, resize_width, is_color)
+        if img is None:
+            raise CaffeError(f"{listfile}:{entry.line}: cannot read image '{filename}' (missing or not an image)")
+        enc = encoding_for(entry)
+        if enc:
+            channels = img.shape[2] if img.ndim == 3 else 1
+            if (channels == 3) == is_color and not resize_height and not resize_width and _match_ext(filename, enc):
+                datum = encoded_datum(Path(filename).read_bytes(), entry.label)
+            else:
+                ok, buf = cv2.imencode("." + enc, img)
+                if not ok:
+                    raise CaffeError(f"{listfile}:{entry.line}: OpenCV cannot encode '{filename}' as {enc}")
+                datum = encoded_datum(buf.tobytes(), entry.label)
+        else:
+            datum = image_to_datum(img, entry.label)
+        return line_id, entry, datum.SerializeToString(), img.shape
+
+    counts = {"written": 0, "skipped": 0}
+    first_shape: tuple[tuple[int, ...], int] | None = None
+    with LMDBWriter(db, mode=mode, commit_every=commit_every) as writer:
+        jobs = ((i, e) for i, e in enumerate(entries)
+                if e is not None and not (mode == "append" and caffe_key(i, e.path) in writer))
+        for line_id, entry, value, shape in _ordered(load, jobs, threads):
+            if check_size:
+                if first_shape is None:
+                    first_shape = (shape, entry.line)
+                elif shape != first_shape[0]:
+                    raise CaffeError(f"{listfile}:{entry.line}: '{entry.path}' is {shape} (HxW[xC]) but line "
+                                     f"{first_shape[1]} was {first_shape[0]} (--check_size)")
+            if writer.put(caffe_key(line_id, entry.path), value):
+                counts["written"] += 1
+                if counts["written"] % 1000 == 0:
+                    log.info("Processed %d files.", counts["written"])
+        counts["skipped"] = sum(1 for i, e in enumerate(entries) if e is not None) - counts["written"]
+    log.info("Processed %d files.", counts["written"])
+    return counts
+
+
+def compute_image_mean(db: str | os.PathLike, out: str | os.PathLike | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """The mean Datum of an LMDB as (1, C, H, W) float32, and the per-channel means Caffe logs."""
+    with LMDBReader(db) as reader:
+        key, value = reader.first()
+        shape = datum_to_array(parse_datum(value, key), key=key).shape
+        total = np.zeros(shape, dtype=np.float32)
+        flat = total.reshape(-1)
+        count = 0
+        for key, value in reader.items():
+            values = datum_to_array(parse_datum(value, key), key=key)
+            if values.size != flat.size:
+                raise CaffeError(f"record '{key.decode(errors='replace')}': {values.size} values "
+                                 f"({'x'.join(map(str, values.shape))}) but the first record has {flat.size} "
+                                 f"({'x'.join(map(str, shape))})")
+            flat += values.reshape(-1)  # float32 += uint8/float32, record by record: Caffe's float sums
+            count += 1
+            if count % 10000 == 0:
+                log.info("Processed %d files.", count)
+    mean = (total / np.float32(count)).astype(np.float32)[None]
+    c = mean.shape[1]
+    # Caffe sums each channel of the mean image in float, pixel by pixel (cumsum is sequential too).
+    channel_means = np.cumsum(mean.reshape(c, -1), axis=1, dtype=np.float32)[:, -1] / np.float32(mean[0, 0].size)
+    if out is not None:
+        write_blobproto(out, mean, legacy_4d=True)
+    return mean, channel_means
