@@ -246,7 +246,8 @@ def write_pair_lmdbs(images: np.ndarray, count: int, seed: int, image_db: str | 
             if manifest_file is not None:
                 table = np.column_stack([chunk.digit, chunk.tx, chunk.ty, chunk.angle, chunk.moved_first.astype(int),
                                          chunk.classes, chunk.sfa]).astype(str)
-                manifest_file.write("".join(f"{key.decode()}\t{chr(9).join(row)}\n" for key, row in zip(keys, table)))
+                lines = (f"{key.decode()}\t{chr(9).join(row)}\n" for key, row in zip(keys, table, strict=True))
+                manifest_file.write("".join(lines))
             for j, axis in enumerate("xyz"):
                 histogram[axis] += np.bincount(chunk.classes[:, j], minlength=len(histogram[axis]))
             histogram["sfa"] += np.bincount(chunk.sfa, minlength=2)

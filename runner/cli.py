@@ -56,6 +56,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backward", action="store_true")
     p.add_argument("--top-diff", type=_named_file, action="append", default=[], help="blob=file.npy")
     p.add_argument("--dump", required=True, help="folder for <blob>.npy, diffs/, param_diffs/")
+
+    p = sub.add_parser("export", help="a net and its weights as ONNX (TEST phase, no data/loss layers)")
+    p.add_argument("--model", required=True, help="deploy or train_val .prototxt")
+    p.add_argument("--weights", default=None, help=".caffemodel (comma-separated for several)")
+    p.add_argument("--outputs", default=None, help="comma-separated blobs to output (default: the net's outputs)")
+    p.add_argument("--input-shape", action="append", default=[],
+                   help="N,C,H,W for every input, or name=N,C,H,W (repeatable); the batch stays dynamic")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--stage", action="append", default=[], help="a NetState stage (repeatable)")
+    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime parity check")
+    p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+
+    from runner.data_cli import add_data_parser
+
+    data = add_data_parser(sub)
+    from runner.kitti_cli import add_kitti_parsers
+
+    add_kitti_parsers(next(a for a in data._actions if isinstance(a, argparse._SubParsersAction)))
     return parser
 
 
@@ -75,6 +93,16 @@ def main(argv: list[str] | None = None) -> int:
             from runner.forward import forward
 
             return forward(args)
+        if getattr(args, "handler", None):  # subcommands that carry their own handler (data kitti-pairs, ...)
+            return args.handler(args)
+        if args.verb == "data":
+            from runner.data_cli import run_data
+
+            return run_data(args)
+        if args.verb == "export":
+            from runner.export import export
+
+            return export(args)
     except CaffeError as e:
         print(f"egomotion {args.verb}: error: {e}", file=sys.stderr)
         return 2

@@ -72,6 +72,10 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--keys", type=int, default=5, help="how many first keys to print")
     p.add_argument("--limit", type=int, default=0, help="scan at most this many records (0: all)")
     p.add_argument("--decode", type=int, default=20, help="decode at most this many encoded records for shapes")
+
+    from runner.mnist_cli import add_mnist_parsers
+
+    add_mnist_parsers(sub)
     return data
 
 
@@ -135,6 +139,8 @@ def _histogram(title: str, hist: Counter, most: int = 30) -> str:
 def run_data(args: argparse.Namespace) -> int:
     """Run one ``egomotion data`` subcommand; user mistakes raise CaffeError (the CLI prints one line)."""
     _check_backend(args)
+    if hasattr(args, "handler"):  # subcommands defined in their own modules (mnist-pairs, …)
+        return args.handler(args)
     if args.data_verb == "convert-imageset":
         counts = convert_imageset(
             args.root, args.listfile, args.db, gray=args.gray, shuffle=args.shuffle,
