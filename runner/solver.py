@@ -93,18 +93,23 @@ def learning_rate(sp: caffe_pb2.SolverParameter, it: int, current_step: int) -> 
         rate = float(base) * math.pow(float(f32(sp.gamma)), it)
     elif policy == "inv":
         x = f32(1) + f32(sp.gamma) * f32(it)
-        rate = base * np.power(x, -f32(sp.power), dtype=f32)
+        rate = base * powf(x, -f32(sp.power))
     elif policy == "multistep":
         if current_step < len(sp.stepvalue) and it >= sp.stepvalue[current_step]:
             current_step += 1
         rate = float(base) * math.pow(float(f32(sp.gamma)), current_step)
     elif policy == "poly":
-        rate = base * np.power(f32(1) - f32(it) / f32(sp.max_iter), f32(sp.power), dtype=f32)
+        rate = base * powf(f32(1) - f32(it) / f32(sp.max_iter), f32(sp.power))
     elif policy == "sigmoid":
-        rate = base * (f32(1) / (f32(1) + np.exp(-f32(sp.gamma) * (f32(it) - f32(sp.stepsize)), dtype=f32)))
+        rate = base * (f32(1) / (f32(1) + f32(math.exp(-f32(sp.gamma) * (f32(it) - f32(sp.stepsize))))))
     else:
         raise CaffeError(f"unknown learning rate policy: '{policy}'")
     return float(f32(rate)), current_step
+
+
+def powf(x: np.floating, y: np.floating) -> np.float32:
+    """glibc's ``powf`` (correctly rounded); numpy's float32 power can be one ulp off."""
+    return f32(math.pow(float(x), float(y)))
 
 
 def _mul(values: Sequence[float | np.floating]) -> float:
@@ -181,13 +186,15 @@ class Solver:
             torch._foreach_mul_(diffs, scale)
 
     @torch.no_grad()
-    def apply_update(self) -> float:
+    def apply_update(self, rate: float | None = None) -> float:
         """``SGDSolver::ApplyUpdate`` then ``Net::Update`` for iteration ``self.iter``; returns the rate.
 
-        The caller increments ``self.iter`` afterwards (as ``Solver::Step`` does), so the rate, the
+        ``rate`` is :meth:`learning_rate`'s, when the caller already asked for it (to log it where Caffe
+        does). The caller increments ``self.iter`` afterwards (as ``Solver::Step`` does), so the rate, the
         multistep status and Adam's bias correction see the iteration being updated.
         """
-        rate = self.learning_rate()
+        if rate is None:
+            rate = self.learning_rate()
         sp = self.sp
         diffs = self.diffs()
         self.clip_gradients(diffs)

@@ -64,6 +64,7 @@ def test_printed_rates_match_caffe_logs():
     inv = solver_param(lr_policy="inv", base_lr=0.01, gamma=1e-4, power=0.75)
     assert fmt(learning_rate(inv, 58, 0)[0]) == "0.00995672"
     assert fmt(learning_rate(inv, 59, 0)[0]) == "0.00995598"
+    assert fmt(learning_rate(inv, 40, 0)[0]) == "0.00997011"  # needs a correctly rounded powf
     exp = solver_param(lr_policy="exp", base_lr=0.01, gamma=0.95)
     assert fmt(learning_rate(exp, 1, 0)[0]) == "0.0095"
     assert fmt(float("nan")) == "nan" and fmt(float("inf")) == "inf" and fmt(1e-5) == "1e-05"
