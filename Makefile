@@ -16,6 +16,23 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# ---------------------------------------------------------------------------------------------------
+# The main job: the thesis's MNIST experiment (egomotion vs SFA vs scratch), runner/experiments/mnist.py.
+#   make train   pair LMDBs + pre-training of egomotion, SFA m=10 and SFA m=100     -> runs/mnist/$(SCALE)/
+#   make eval    fine-tuning on 100/300/1000/10000 labels x 3 seeds, results.md/.csv and plots
+# SCALE=demo (default: both targets in about 20 minutes on 2 CPU cores) or SCALE=full (the thesis's numbers).
+# MNIST comes from MNIST_DIR (default: ../shared/data/mnist when present), else the cache or a download.
+# ---------------------------------------------------------------------------------------------------
+SCALE     ?= demo
+MNIST_DIR ?= $(wildcard $(abspath ../shared/data/mnist))
+export MNIST_DIR
+
+train: $(STAMP)
+	$(PY) -m runner.experiments.mnist train --scale $(SCALE)
+
+eval: $(STAMP)
+	$(PY) -m runner.experiments.mnist eval --scale $(SCALE)
+
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
@@ -25,3 +42,53 @@ proto: $(STAMP)
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache .ruff_cache
+
+# ---------------------------------------------------------------------------------------------------
+# KITTI egomotion (KITTI-AUT) and SFA (KITTI-SFA) pre-training of the AlexNet siamese net (notes §1.4.3-6).
+#   KITTI_DIR=/path/to/dataset make kitti                                   SCALE=full: the thesis's data
+#       (image_2, 00-08 / 09-10, 2,300 pairs per sequence) and schedule (60,000 / 40,000 iterations)
+#   KITTI_DIR=../shared/data/kitti_odometry_00 make kitti SCALE=demo        the 151-frame sample, minutes on CPU
+# Data go to data/kitti/$(SCALE)/, runs to runs/kitti/$(SCALE)/ (the prototxts used, train.log, train.csv,
+# curves.png, heads.png, snapshots); the final snapshots are copied to runs/kitti/$(SCALE)/KITTI-{AUT,SFA}.caffemodel.
+# GPU=0 (or 0,1 / all) trains on GPUs; KITTI_FLAGS adds kitti-pairs flags (e.g. "--translation-frame world"
+# for the thesis's exact labels, "--labels agrawal2015" for the paper's 22 classes, the heads follow).
+# ---------------------------------------------------------------------------------------------------
+.PHONY: kitti
+KITTI_RUN  := runs/kitti/$(SCALE)
+KITTI_DATA := data/kitti/$(SCALE)
+KITTI_CLI  := $(PY) -m runner.cli
+KITTI_PAIRS_full   := --camera image_2 --train 00-08 --val 09-10 --pairs-per-sequence 2300
+KITTI_PAIRS_demo   := --camera image_0 --mode color --train 00:0-119 --val 00:120-150 --train-pairs 800 --val-pairs 160
+# demo: batch 8, a few hundred iterations, a test every 100 on 80 validation pairs
+KITTI_NET_demo     := -e 's/batch_size: [0-9]*/batch_size: 8/'
+KITTI_SOLVER_demo  := -e 's/^test_iter: .*/test_iter: 10/' -e 's/^test_interval: .*/test_interval: 100/' \
+                      -e 's/^snapshot: .*/snapshot: 100/' -e 's/^display: .*/display: 10/'
+KITTI_ITERS_demo   := -e 's/^max_iter: .*/max_iter: 300/'
+KITTI_SFA_ITERS_demo := -e 's/^max_iter: .*/max_iter: 200/'
+
+kitti: $(STAMP)
+	@if [ -z "$(KITTI_DIR)" ]; then echo "make kitti: KITTI_DIR is not set. KITTI odometry comes from https://www.cvlibs.net/datasets/kitti/eval_odometry.php (data_odometry_color.zip + data_odometry_poses.zip, free registration): unpack both into one folder and run KITTI_DIR=/path/to/dataset make kitti [SCALE=full|demo]; the 151-frame sample: KITTI_DIR=../shared/data/kitti_odometry_00 make kitti SCALE=demo"; exit 2; fi
+	@case "$(SCALE)" in demo|full) ;; *) echo "make kitti: SCALE must be demo or full, got '$(SCALE)'"; exit 2;; esac
+	@mkdir -p $(KITTI_RUN)/egomotion $(KITTI_RUN)/sfa
+	@test -f $(KITTI_DATA)/egomotion/summary.json || $(KITTI_CLI) data kitti-pairs --kitti-dir $(KITTI_DIR) \
+	    --out $(KITTI_DATA)/egomotion $(KITTI_PAIRS_$(SCALE)) $(KITTI_FLAGS) --mean --overwrite
+	@test -f $(KITTI_DATA)/sfa/summary.json || $(KITTI_CLI) data kitti-pairs --kitti-dir $(KITTI_DIR) \
+	    --out $(KITTI_DATA)/sfa --task sfa $(KITTI_PAIRS_$(SCALE)) $(KITTI_FLAGS) --mean --overwrite
+	@for t in egomotion sfa; do \
+	    iters='$(KITTI_ITERS_$(SCALE))'; [ $$t = sfa ] && iters='$(KITTI_SFA_ITERS_$(SCALE))'; \
+	    sed -e 's|data/kitti/|$(KITTI_DATA)/|' $(KITTI_NET_$(SCALE)) \
+	        $(if $(findstring agrawal2015,$(KITTI_FLAGS)),-e 's/num_output: 20$$/num_output: 22/') \
+	        prototxt/kitti/$${t}_train_val.prototxt \
+	        > $(KITTI_RUN)/$$t/train_val.prototxt; \
+	    sed -e 's|^net: .*|net: "$(KITTI_RUN)/'$$t'/train_val.prototxt"|' -e 's|^snapshot_prefix: "runs/kitti/|snapshot_prefix: "$(KITTI_RUN)/|' \
+	        $(KITTI_SOLVER_$(SCALE)) $$iters prototxt/kitti/$${t}_solver.prototxt > $(KITTI_RUN)/$$t/solver.prototxt; \
+	done
+	$(KITTI_CLI) train --solver $(KITTI_RUN)/egomotion/solver.prototxt $(if $(GPU),--gpu $(GPU))
+	$(KITTI_CLI) train --solver $(KITTI_RUN)/sfa/solver.prototxt $(if $(GPU),--gpu $(GPU))
+	@for t in egomotion sfa; do $(KITTI_CLI) plot $(KITTI_RUN)/$$t/train.log -o $(KITTI_RUN)/$$t/curves.png \
+	    --title "KITTI $$t ($(SCALE))"; done
+	$(PY) -m runner.kitti_cli plot-heads $(KITTI_RUN)/egomotion/train.csv -o $(KITTI_RUN)/egomotion/heads.png \
+	    --title "KITTI egomotion ($(SCALE)): each head" --classes $(if $(findstring agrawal2015,$(KITTI_FLAGS)),22,20)
+	cp "$$(ls -v $(KITTI_RUN)/egomotion/kitti_aut_iter_*.caffemodel | tail -1)" $(KITTI_RUN)/KITTI-AUT.caffemodel
+	cp "$$(ls -v $(KITTI_RUN)/sfa/kitti_sfa_iter_*.caffemodel | tail -1)" $(KITTI_RUN)/KITTI-SFA.caffemodel
+	@echo "KITTI-AUT and KITTI-SFA: $(KITTI_RUN)/KITTI-{AUT,SFA}.caffemodel; curves: $(KITTI_RUN)/{egomotion,sfa}/curves.png, $(KITTI_RUN)/egomotion/heads.png"

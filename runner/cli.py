@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", action="append", default=[], help="a NetState stage (repeatable)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime parity check")
     p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    from runner.probe_cli import add_probe_parser
+
+    add_probe_parser(sub)
 
     from runner.data_cli import add_data_parser
 
@@ -74,11 +77,48 @@ def build_parser() -> argparse.ArgumentParser:
     from runner.kitti_cli import add_kitti_parsers
 
     add_kitti_parsers(next(a for a in data._actions if isinstance(a, argparse._SubParsersAction)))
+    p = sub.add_parser("train", help="train a net as `caffe train` does (solver prototxt, snapshots, logs)")
+    p.add_argument("--solver", required=True, help="the solver .prototxt")
+    p.add_argument("--weights", default=None, help="fine-tune from .caffemodel(s), comma-separated")
+    p.add_argument("--snapshot", default=None, help="resume from a .solverstate")
+    p.add_argument("--gpu", default=None, help="CUDA device ids: 0, 0,1 or all (absent: CPU)")
+    p.add_argument("--iterations", type=int, default=None, help="override the solver's max_iter")
+    p.add_argument("--sigint_effect", default="stop", help="on SIGINT: stop, snapshot or none")
+    p.add_argument("--sighup_effect", default="snapshot", help="on SIGHUP: stop, snapshot or none")
+    p.add_argument("--level", type=int, default=None, help="the train net's NetState level")
+    p.add_argument("--stage", default=None, help="the train net's NetState stages, comma-separated")
+    p.add_argument("--log", default=None, help="log file (default: train.log beside the snapshots)")
+    p.add_argument("--csv", default=None, help="CSV file (default: train.csv beside the snapshots)")
+    p.add_argument("--workers", type=int, default=0, help="data reading processes (0: in the main process)")
+
+    p = sub.add_parser("test", help="score a model on its TEST data as `caffe test` does")
+    p.add_argument("--model", required=True)
+    p.add_argument("--weights", required=True, help=".caffemodel(s), comma-separated")
+    p.add_argument("--iterations", type=int, default=50)
+    p.add_argument("--gpu", default=None)
+    p.add_argument("--phase", default="TEST")
+    p.add_argument("--level", type=int, default=0)
+    p.add_argument("--stage", default=None, help="comma-separated NetState stages")
+
+    p = sub.add_parser("time", help="average forward/backward time per layer as `caffe time` does")
+    p.add_argument("--model", required=True)
+    p.add_argument("--weights", default=None)
+    p.add_argument("--iterations", type=int, default=50)
+    p.add_argument("--gpu", default=None)
+    p.add_argument("--phase", default="TRAIN")
+    p.add_argument("--level", type=int, default=0)
+    p.add_argument("--stage", default=None, help="comma-separated NetState stages")
+
+    p = sub.add_parser("plot", help="draw loss, learning rate and test outputs of a training log")
+    p.add_argument("log", help="a Caffe-format training log (train.log, or Caffe's own)")
+    p.add_argument("-o", "--output", required=True, help="the .png to write")
+    p.add_argument("--title", default=None)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         if args.verb == "check":
@@ -103,6 +143,26 @@ def main(argv: list[str] | None = None) -> int:
             from runner.export import export
 
             return export(args)
+        if args.verb == "probe":
+            from runner.probe import probe
+
+            return probe(args)
+        if args.verb == "train":
+            from runner.train import train
+
+            return train(args)
+        if args.verb == "test":
+            from runner.test_cmd import test
+
+            return test(args)
+        if args.verb == "time":
+            from runner.time_cmd import time_command
+
+            return time_command(args)
+        if args.verb == "plot":
+            from runner.plot import plot
+
+            return plot(args)
     except CaffeError as e:
         print(f"egomotion {args.verb}: error: {e}", file=sys.stderr)
         return 2

@@ -203,6 +203,10 @@ class Pooling(Layer):
     When torch's floor-mode pooling with symmetric padding gives exactly Caffe's windows, it is used
     directly; otherwise the input is padded (``-inf`` for MAX, 0 for AVE) or cropped to exactly
     ``(pooled-1)*stride + kernel`` and pooled without padding, and AVE is rescaled by the divisor map.
+    That explicit form is what a traced (ONNX) graph gets. Run eagerly, a layer whose count torch's
+    ceil mode reproduces (its last-window rule is Caffe's padded-case clip, applied always; its windows
+    and AVE divisors are Caffe's formulas) pools in ceil mode instead: no padded copy of the input, and
+    smaller windows (the thesis MNIST net's 2x2 -> 1x1 pool2 costs half).
     STOCHASTIC pooling is refused (Caffe's CPU path is NOT_IMPLEMENTED).
     """
 
@@ -265,6 +269,11 @@ class Pooling(Layer):
         self.native = all(pad[i] <= kernel[i] // 2 and sizes[i] + 2 * pad[i] >= kernel[i]
                           and (sizes[i] + 2 * pad[i] - kernel[i]) // stride[i] + 1 == pooled[i]
                           for i in range(2))
+        # torch's ceil mode (Pool.h: Caffe's ceil count, then the clip whether or not there is padding)
+        # differs from Caffe only for an unpadded layer whose last window starts at or past the edge.
+        self.ceil_native = not self.native and all(
+            pad[i] <= kernel[i] // 2 and pooled_size(sizes[i], kernel[i], stride[i], pad[i], True, True) == pooled[i]
+            for i in range(2))
         # Otherwise: explicit (top, bottom, left, right) padding; a negative amount crops.
         ends = [(pooled[i] - 1) * stride[i] + kernel[i] - sizes[i] - pad[i] for i in range(2)]
         self.padding = (pad[1], ends[1], pad[0], ends[0])  # F.pad order: W left/right, H top/bottom
@@ -280,27 +289,37 @@ class Pooling(Layer):
 
     def forward(self, bottoms: list[torch.Tensor], blobs: list[torch.Tensor]) -> list[torch.Tensor]:
         x = bottoms[0]
+        tracing = torch.jit.is_tracing()  # ONNX export: ONNX Runtime's ceil_mode rules are not Caffe's
+        ceil = self.ceil_native and not tracing
+        direct = self.native or ceil
         if self.method == Pool.AVE:
-            if self.native:
-                return [F.avg_pool2d(x, self.kernel, self.stride, self.pad, False, True)]
+            if direct:
+                return [F.avg_pool2d(x, self.kernel, self.stride, self.pad, ceil, True)]
             y = F.avg_pool2d(F.pad(x, self.padding), self.kernel, self.stride)
             if self.ave_scale is not None:
                 y = y * self.ave_scale.to(y.dtype)
             return [y]
         want_mask = len(self.top_shapes) == 2
-        if self.native:
+        if direct:
             xp, pad = x, self.pad
         else:
             xp, pad = F.pad(x, self.padding, value=float("-inf")), (0, 0)
         if want_mask:
-            raw, index = F.max_pool2d(xp, self.kernel, self.stride, pad, return_indices=True)
+            raw, index = F.max_pool2d(xp, self.kernel, self.stride, pad, ceil_mode=ceil, return_indices=True)
         else:
-            raw = F.max_pool2d(xp, self.kernel, self.stride, pad)
-        found = raw > -FLT_MAX  # Caffe's strict '>' against its -FLT_MAX start value
-        top = torch.where(found, raw, -FLT_MAX)
+            raw = F.max_pool2d(xp, self.kernel, self.stride, pad, ceil_mode=ceil)
+        # Caffe's strict '>' against its -FLT_MAX start value: a window with nothing above -FLT_MAX gives
+        # -FLT_MAX and no gradient. threshold is exactly that in one op (and one in backward); the
+        # TorchScript ONNX exporter only knows threshold 0, so a traced graph gets compare and where.
+        # (A NaN in a window: torch's max propagates it, Caffe's '>' skips it; neither form is Caffe's.)
+        if tracing:
+            top = torch.where(raw > -FLT_MAX, raw, -FLT_MAX)
+        else:
+            top = F.threshold(raw, -FLT_MAX, -FLT_MAX)
         if not want_mask:
             return [top]
-        if not self.native:  # torch indexes the padded plane; Caffe the bottom's own plane
+        found = raw > -FLT_MAX
+        if not direct:  # torch indexes the padded plane; Caffe the bottom's own plane
             width = xp.shape[-1]
             index = (index // width - self.padding[2]) * x.shape[-1] + index % width - self.padding[0]
         mask = torch.where(found, index, -1).to(x.dtype)

@@ -1,0 +1,1 @@
+"""Drivers that chain the CLI for the thesis tables."""

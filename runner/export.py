@@ -1,0 +1,521 @@
+"""``egomotion export``: a Caffe net (deploy or train_val) as an ONNX graph, checked against the module.
+
+What goes into the graph is the TEST-phase net as Caffe's deploy conversion makes it by hand:
+
+* loss layers (every layer class with ``is_loss``), ``Accuracy`` and ``Silence`` are dropped;
+* the chosen blobs become the graph outputs (default: the net's outputs once those layers are gone,
+  i.e. the predictions they consumed, never their labels);
+* only the layers those outputs need are kept; each data layer becomes a graph input per *needed* top
+  (named after the top), so a train_val prototxt with ``Data`` layers exports like its deploy twin
+  (labels and their ``Slice`` layers fall away with the losses);
+* the batch dimension is symbolic (``batch``).
+
+The module's pooling layers pad explicitly and pool in floor mode (``converter/layers/vision.py``), so
+Caffe's output sizes do not depend on ONNX's ceil rule (caffe-semantics.md §2.2, the ONNX/onnxruntime
+ceil-mode bugs of §3.2); LRN WITHIN_CHANNEL is exported as the composition Caffe itself builds (x²,
+AveragePool with zero padding, affine, power, product), since ONNX's ``LRN`` is ACROSS_CHANNELS only.
+Layers that reshape to the shapes computed at build time record the trace's batch size as a constant;
+:func:`free_batch_dimension` turns those ``Reshape`` targets into ONNX's "copy this dimension" (0)
+wherever shape inference shows that the reshaped tensor's first axis *is* the batch.
+
+Every export is verified before it is written: ``onnx.checker`` (full check), then ONNX Runtime on the
+CPU for two batch sizes, asserting that every output has Caffe's blob shape (:attr:`CaffeNet.blob_shapes`
+with the batch replaced) and equals the PyTorch module within a relative tolerance
+(:func:`max_rel_error`). The file is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from google.protobuf import text_format
+from onnx import numpy_helper
+from torch import nn
+
+from converter import caffe_pb2
+from converter.errors import CaffeError
+from converter.io import atomic_write_bytes, filter_net, net_state, read_net
+from converter.layers import layer_class
+from converter.layers.base import Shape
+from converter.net import CaffeNet
+from converter.weights import copy_trained_layers
+
+log = logging.getLogger(__name__)
+
+BATCH = "batch"
+"""The name of the symbolic first axis of every graph input and output."""
+
+DEFAULT_OPSET = 17
+"""Opset 17 is understood by every onnxruntime >= 1.13 and by the TorchScript exporter."""
+
+PARITY_RTOL = 1e-5
+"""ONNX Runtime vs the module: max |ort - torch| / max |torch| per output (see :func:`max_rel_error`)."""
+
+DROPPED_TYPES = {"Accuracy", "Silence"}
+"""Non-loss layers that only make sense with labels or as sinks; removed like the losses."""
+
+TARGET_BOTTOMS = {
+    "SoftmaxWithLoss": {1}, "Accuracy": {1}, "MultinomialLogisticLoss": {1}, "InfogainLoss": {1, 2},
+    "HingeLoss": {1}, "SigmoidCrossEntropyLoss": {1}, "EuclideanLoss": {1}, "ContrastiveLoss": {2},
+}
+"""Bottoms of the dropped layers that are targets (labels, similarity flags), not predictions."""
+
+
+@dataclass
+class DeployNet:
+    """The exported part of a net: its proto (data layers replaced by ``Input``), inputs and outputs."""
+
+    proto: caffe_pb2.NetParameter
+    inputs: list[str]
+    outputs: list[str]
+    input_shapes: dict[str, Shape]
+    transform: caffe_pb2.TransformationParameter | None = None
+    dropped: list[str] = field(default_factory=list)
+
+
+def is_dropped(lp: caffe_pb2.LayerParameter) -> bool:
+    """Loss layers, Accuracy and Silence are not part of a deploy net."""
+    return layer_class(lp).is_loss or lp.type in DROPPED_TYPES
+
+
+def deploy_net(net: caffe_pb2.NetParameter, outputs: list[str] | None = None,
+               shapes: dict[str, Shape] | None = None, any_shape: Shape | None = None) -> DeployNet:
+    """The deploy form of an already phase-filtered net (see the module docstring).
+
+    ``shapes`` gives a data top's shape by name; ``any_shape`` gives the shape of every graph input
+    that ``shapes`` does not name (it overrides shapes the layers declare, as ``--input-shape`` does).
+    """
+    shapes = dict(shapes or {})
+    kept = [lp for lp in net.layer if not is_dropped(lp)]
+    dropped = [lp for lp in net.layer if is_dropped(lp)]
+    data = [lp for lp in kept if layer_class(lp).is_data]
+    data_tops = [t for lp in data for t in lp.top]
+
+    produced: list[str] = []
+    consumed: set[str] = set()
+    for lp in kept:
+        consumed.update(lp.bottom)
+        produced.extend(t for t in lp.top if t not in produced)
+    targets = {lp.bottom[i] for lp in dropped for i in TARGET_BOTTOMS.get(lp.type, ()) if i < len(lp.bottom)}
+    predictions = {b for lp in dropped for i, b in enumerate(lp.bottom)
+                   if i not in TARGET_BOTTOMS.get(lp.type, ())}
+
+    if outputs:
+        for name in outputs:
+            if name in data_tops:
+                raise CaffeError(f"output '{name}' is an input of the net (a data layer's top)")
+            if name not in produced:
+                raise CaffeError(f"output '{name}' is not a blob of the TEST-phase net without its losses "
+                                 f"(blobs: {', '.join(b for b in produced if b not in data_tops)})")
+        if len(set(outputs)) != len(outputs):
+            raise CaffeError(f"outputs named twice: {', '.join(outputs)}")
+        chosen = list(outputs)
+    else:
+        chosen = [b for b in produced if b not in data_tops and b not in consumed
+                  and (b not in targets or b in predictions)]
+        if not chosen:
+            raise CaffeError("the net has no outputs once its loss and accuracy layers are removed; "
+                             "name the blobs to export with --outputs")
+
+    # Keep only what the outputs need: walk back from them (an in-place layer keeps its producer).
+    needed = set(chosen)
+    keep: list[caffe_pb2.LayerParameter] = []
+    for lp in reversed(kept):
+        if any(t in needed for t in lp.top):
+            keep.append(lp)
+            needed.update(lp.bottom)
+    keep.reverse()
+
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(net)
+    del out.layer[:]
+    del out.input[:], out.input_shape[:], out.input_dim[:]
+    inputs: list[str] = []
+    input_shapes: dict[str, Shape] = {}
+    transform = None
+    for lp in keep:
+        cls = layer_class(lp)
+        if not cls.is_data:
+            out.layer.add().CopyFrom(lp)
+            continue
+        tops = [t for t in lp.top if t in needed]
+        declared = _declared_shapes(lp, cls)
+        layer = out.layer.add(name=lp.name, type="Input")
+        for t in tops:
+            shape = shapes.get(t) or any_shape or declared.get(t)
+            if shape is None:
+                raise CaffeError(f"layer '{lp.name}' ({lp.type}): the shape of '{t}' is unknown without its "
+                                 f"data; give it with --input-shape N,C,H,W (or {t}=N,C,H,W)")
+            layer.top.append(t)
+            layer.input_param.shape.add(dim=list(shape))
+            inputs.append(t)
+            input_shapes[t] = tuple(int(d) for d in shape)
+        if transform is None and lp.HasField("transform_param"):
+            transform = caffe_pb2.TransformationParameter()
+            transform.CopyFrom(lp.transform_param)
+    for name in chosen:
+        if name in inputs:
+            raise CaffeError(f"output '{name}' is an input of the net")
+    return DeployNet(out, inputs, chosen, input_shapes, transform, [lp.name for lp in dropped])
+
+
+def _declared_shapes(lp: caffe_pb2.LayerParameter, cls) -> dict[str, Shape]:
+    """Shapes a data layer writes in its own parameters (Input, DummyData, MemoryData)."""
+    try:
+        layer = cls(lp, [], caffe_pb2.TEST, {})
+    except CaffeError:
+        return {}
+    return dict(zip(lp.top, layer.top_shapes, strict=True))
+
+
+def build_deploy(model: str | Path, weights: list[str | Path] | None = None, outputs: list[str] | None = None,
+                 shapes: dict[str, Shape] | None = None, any_shape: Shape | None = None,
+                 stages: list[str] | tuple[str, ...] = (), seed: int = 0) -> tuple[CaffeNet, DeployNet]:
+    """Read ``model`` (TEST phase), cut it to its deploy form, build the module and load ``weights``.
+
+    Blobs that no weights file sets keep their fillers' values, drawn with ``seed``.
+    """
+    proto = filter_net(read_net(model), net_state("TEST", 0, stages), model)
+    if not shapes and any_shape is None:
+        shapes = _peek_shapes(proto)
+    plan = deploy_net(proto, outputs, shapes, any_shape)
+    net = CaffeNet(plan.proto, generator=torch.Generator().manual_seed(seed))
+    for path in weights or []:
+        ignored = copy_trained_layers(net, read_net(path), str(path))
+        if ignored:
+            log.info("%s: %d layers not in the exported net: %s", path, len(ignored), ", ".join(ignored))
+    net.eval()
+    return net, plan
+
+
+def _peek_shapes(proto: caffe_pb2.NetParameter) -> dict[str, Shape]:
+    """Data-layer shapes read from their sources when the runner can (LMDB first Datum, …)."""
+    try:
+        from runner.data_shapes import peek_data_shapes
+
+        return peek_data_shapes(proto)
+    except (ImportError, CaffeError, OSError):
+        return {}
+
+
+class Graph(nn.Module):
+    """``CaffeNet`` with positional inputs and a tuple of chosen outputs, as the exporter wants it."""
+
+    def __init__(self, net: CaffeNet, inputs: list[str], outputs: list[str]):
+        super().__init__()
+        self.net, self.inputs, self.outputs = net, list(inputs), list(outputs)
+
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        blobs = self.net(dict(zip(self.inputs, xs, strict=True)))
+        return tuple(blobs[name] for name in self.outputs)
+
+
+def rebatch(net: CaffeNet, plan: DeployNet, batch: int) -> CaffeNet:
+    """The same net (sharing its parameters) built for another batch size.
+
+    Several layers reshape to the shapes computed at build time, so the module itself has a fixed
+    batch; the ONNX graph does not (:func:`free_batch_dimension`).
+    """
+    shapes = {n: (batch, *s[1:]) if s else s for n, s in plan.input_shapes.items()}
+    if shapes == plan.input_shapes:
+        return net
+    proto = caffe_pb2.NetParameter()
+    proto.CopyFrom(plan.proto)
+    for lp in proto.layer:
+        if lp.type == "Input":
+            for shape, top in zip(lp.input_param.shape, lp.top, strict=True):
+                del shape.dim[:]
+                shape.dim.extend(shapes[top])
+    other = CaffeNet(proto)
+    for mine, theirs in zip(other.params, net.params, strict=True):
+        mine.data = theirs.data
+    return other.eval()
+
+
+def example_inputs(shapes: dict[str, Shape], batch: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded uniform [-1, 1) inputs, with the first axis replaced by ``batch`` when given."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in shapes.items():
+        s = (batch, *shape[1:]) if batch is not None and shape else shape
+        out[name] = torch.rand(s, generator=g) * 2 - 1
+    return out
+
+
+def _trace(net: CaffeNet, plan: DeployNet, opset: int, batch: int | None, params: bool = True) -> onnx.ModelProto:
+    graph = Graph(net, plan.inputs, plan.outputs).eval()
+    example = example_inputs(plan.input_shapes, batch)
+    dynamic = {name: {0: BATCH} for name in (*plan.inputs, *plan.outputs) if _batched(net, plan, name)}
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python ints: the verification decides
+        try:
+            torch.onnx.export(graph, tuple(example[n] for n in plan.inputs), buf, input_names=plan.inputs,
+                              output_names=plan.outputs, dynamic_axes=dynamic, opset_version=opset,
+                              do_constant_folding=True, export_params=params, dynamo=False)
+        except (RuntimeError, torch.onnx.errors.OnnxExporterError) as e:  # unsupported op for this opset
+            raise CaffeError(f"cannot export net '{plan.proto.name}' to ONNX opset {opset}: "
+                             f"{str(e).splitlines()[0]}") from None
+    return onnx.load_from_string(buf.getvalue())
+
+
+def trace_batch(plan: DeployNet) -> int | None:
+    """The batch size the net was built with, or None when the inputs' first axes differ (or are absent).
+
+    Only a net whose inputs all share their first extent has a batch axis to make dynamic; others (a
+    layer test net slicing along axis 0, say) are exported with the shapes they declare.
+    """
+    firsts = {s[0] if s else None for s in plan.input_shapes.values()}
+    return firsts.pop() if len(firsts) == 1 else None
+
+
+def _batched(net: CaffeNet, plan: DeployNet, name: str) -> bool:
+    """Whether blob ``name``'s first axis is the (dynamic) batch: inputs, and outputs of the same extent."""
+    batch = trace_batch(plan)
+    if batch is None:
+        return False
+    shape = plan.input_shapes[name] if name in plan.input_shapes else net.blob_shapes[name]
+    return bool(shape) and shape[0] == batch
+
+
+def to_onnx(net: CaffeNet, plan: DeployNet, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """Trace the module (TorchScript exporter) with a symbolic batch; the model is not yet checked.
+
+    The module is traced at the net's batch and at one more (:func:`rebatch`), so constants that the
+    layers derived from the batch size can be told apart from real ones (:func:`free_batch_dimension`).
+    """
+    batch = trace_batch(plan)
+    with _kept_params(net):
+        model = _trace(net, plan, opset, batch)
+        if batch is not None:
+            other = _trace(rebatch(net, plan, batch + 1), plan, opset, batch + 1, params=False)
+            free_batch_dimension(model, other)
+    model.doc_string = f"Caffe net '{plan.proto.name}' exported by egomotion (TEST phase, deploy form)"
+    meta = {"caffe.net": plan.proto.name, "caffe.inputs": ",".join(plan.inputs),
+            "caffe.outputs": ",".join(plan.outputs),
+            "caffe.input_shapes": ";".join(f"{n}={','.join(map(str, plan.input_shapes[n]))}" for n in plan.inputs),
+            "caffe.blob_shapes": ";".join(f"{n}={','.join(map(str, net.blob_shapes[n]))}" for n in plan.outputs)}
+    if plan.transform is not None:
+        meta["caffe.transform_param"] = text_format.MessageToString(plan.transform, as_one_line=True)
+    onnx.helper.set_model_props(model, meta)
+    return model
+
+
+@contextlib.contextmanager
+def _kept_params(net: CaffeNet):
+    """Restore every parameter afterwards: layers that update statistics in forward (BatchNorm without
+    global stats) must not change the weights being exported by being traced or verified."""
+    saved = [p.detach().clone() for p in net.params]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, v in zip(net.params, saved, strict=True):
+                p.copy_(v)
+
+
+def free_batch_dimension(model: onnx.ModelProto, other: onnx.ModelProto) -> int:
+    """Make ``Reshape`` targets that froze the traced batch size follow the batch instead.
+
+    ``other`` is the same net traced at another batch size. A ``Reshape`` whose constant target differs
+    between the two traces only in its first entry gets ``-1`` there (no other entry is -1): the size is
+    conserved by Reshape, so -1 yields exactly the batch-dependent extent. Other batch-dependent
+    constants are left alone; :func:`verify` then reports the failing output. Returns how many targets
+    were changed.
+    """
+    targets = {n.name: _constant_value(n.input[1], model) for n in model.graph.node if n.op_type == "Reshape"}
+    others = {n.name: _constant_value(n.input[1], other) for n in other.graph.node if n.op_type == "Reshape"}
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type != "Reshape":
+            continue
+        mine, theirs = targets.get(node.name), others.get(node.name)
+        if mine is None or theirs is None or mine.shape != theirs.shape or mine.ndim != 1 or not len(mine):
+            continue
+        if mine[0] == theirs[0] or np.any(mine[1:] != theirs[1:]) or np.any(mine[1:] == -1):
+            continue
+        fixed = mine.astype(np.int64).copy()
+        fixed[0] = -1
+        name = f"{node.name or node.output[0]}__batch_shape"
+        model.graph.initializer.append(numpy_helper.from_array(fixed, name))
+        node.input[1] = name
+        changed += 1
+    _drop_unused(model)
+    return changed
+
+
+def _constant_value(name: str, model: onnx.ModelProto) -> np.ndarray | None:
+    """The value of an initializer or ``Constant`` node output, else None."""
+    for t in model.graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            for a in node.attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t)
+    return None
+
+
+def _drop_unused(model: onnx.ModelProto) -> None:
+    """Remove initializers and ``Constant`` nodes nothing reads any more."""
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    if len(keep) != len(model.graph.initializer):
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+    nodes = [n for n in model.graph.node if n.op_type != "Constant" or n.output[0] in used]
+    if len(nodes) != len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification
+# ---------------------------------------------------------------------------------------------
+def max_rel_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    """``max |a - e| / max |e|`` over the finite entries that are not Caffe's ``-FLT_MAX`` sentinel.
+
+    Entries where the reference is NaN, ±inf or ±FLT_MAX (MAX pooling's empty window) must be equal
+    exactly (NaN to NaN); otherwise the error is ``inf``. The scale is the whole blob's, so values near
+    zero are judged against the blob's magnitude, not their own.
+    """
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    if a.shape != e.shape:
+        return math.inf
+    flt_max = float(np.finfo(np.float32).max)
+    special = ~np.isfinite(e) | (np.abs(e) >= flt_max)
+    if np.any(special):
+        same = (a[special] == e[special]) | (np.isnan(a[special]) & np.isnan(e[special]))
+        if not np.all(same):
+            return math.inf
+    a, e = a[~special], e[~special]
+    if not e.size:
+        return 0.0
+    if not np.all(np.isfinite(a)):
+        return math.inf
+    scale = np.max(np.abs(e))
+    diff = np.max(np.abs(a - e))
+    return float(diff / scale) if scale > 0 else float(diff)
+
+
+def ort_session(model: onnx.ModelProto | bytes | str | Path, providers: list[str] | None = None,
+                threads: int = 0):
+    """An onnxruntime InferenceSession (CPU unless ``providers`` says otherwise)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else \
+        (str(model) if isinstance(model, Path) else model)
+    return ort.InferenceSession(source, opts, providers=providers or ["CPUExecutionProvider"])
+
+
+def verify(model: onnx.ModelProto | bytes, net: CaffeNet, plan: DeployNet, batches: tuple[int, ...] = (1, 2),
+           rtol: float = PARITY_RTOL, seed: int = 0) -> dict[str, float]:
+    """Run ORT (CPU) and the module on seeded inputs for each batch size; shapes must be Caffe's.
+
+    Returns the max relative error per output over all batches; raises a CaffeError on a shape
+    mismatch or an error above ``rtol``.
+    """
+    session = ort_session(model)
+    errors = {name: 0.0 for name in plan.outputs}
+    if trace_batch(plan) is None:
+        batches = (None,)
+    for i, batch in enumerate(batches):
+        inputs = example_inputs(plan.input_shapes, batch, seed + i)
+        graph = Graph(net if batch is None else rebatch(net, plan, batch), plan.inputs, plan.outputs).eval()
+        with torch.no_grad(), _kept_params(net):
+            try:
+                expected = [t.numpy() for t in graph(*(inputs[n] for n in plan.inputs))]
+            except (RuntimeError, CaffeError) as e:
+                raise CaffeError(f"net '{plan.proto.name}': the module itself fails at batch {batch} "
+                                 f"({str(e).splitlines()[0]})") from None
+        try:
+            got = session.run(plan.outputs, {n: inputs[n].numpy() for n in plan.inputs})
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise CaffeError(f"net '{plan.proto.name}': ONNX Runtime fails at batch {batch}: "
+                             f"{str(e).splitlines()[0]}") from None
+        for name, g, e in zip(plan.outputs, got, expected, strict=True):
+            shape = net.blob_shapes[name]
+            want = (batch, *shape[1:]) if batch is not None and _batched(net, plan, name) else tuple(shape)
+            if tuple(g.shape) != want:
+                raise CaffeError(f"net '{plan.proto.name}': ONNX output '{name}' has shape {tuple(g.shape)} at "
+                                 f"batch {batch}, Caffe's blob has {want}")
+            errors[name] = max(errors[name], max_rel_error(g, e))
+    bad = {n: e for n, e in errors.items() if not e <= rtol}
+    if bad:
+        worst = ", ".join(f"{n} {e:.3g}" for n, e in bad.items())
+        raise CaffeError(f"net '{plan.proto.name}': ONNX Runtime differs from the module beyond {rtol:g} "
+                         f"relative: {worst}")
+    return errors
+
+
+def export_model(net: CaffeNet, plan: DeployNet, path: str | Path | None = None, opset: int = DEFAULT_OPSET,
+                 check: bool = True, batches: tuple[int, ...] = (1, 2), rtol: float = PARITY_RTOL
+                 ) -> tuple[onnx.ModelProto, dict[str, float]]:
+    """Export, check with onnx.checker, verify against ORT, and (when ``path``) write atomically."""
+    model = to_onnx(net, plan, opset)
+    data = model.SerializeToString()
+    if len(data) >= 2**31:
+        raise CaffeError(f"net '{plan.proto.name}': the ONNX model is {len(data) / 2**30:.1f} GiB, over "
+                         "protobuf's 2 GiB limit")
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise CaffeError(f"net '{plan.proto.name}': the exported graph fails onnx.checker: "
+                         f"{str(e).splitlines()[0]}") from None
+    errors = verify(data, net, plan, batches, rtol) if check else {}
+    if path is not None:
+        atomic_write_bytes(path, data)
+    return model, errors
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+def parse_input_shapes(texts: list[str]) -> tuple[dict[str, Shape], Shape | None]:
+    """``--input-shape`` values: ``N,C,H,W`` (every input) or ``name=N,C,H,W`` (one input)."""
+    named: dict[str, Shape] = {}
+    anonymous = None
+    for text in texts or []:
+        name, sep, dims = text.rpartition("=")
+        try:
+            shape = tuple(int(d) for d in dims.replace("x", ",").split(","))
+        except ValueError:
+            shape = ()
+        if not shape or any(d <= 0 for d in shape):
+            raise CaffeError(f"--input-shape: expected N,C,H,W or name=N,C,H,W with positive sizes, got '{text}'")
+        if sep:
+            named[name] = shape
+        else:
+            anonymous = shape
+    return named, anonymous
+
+
+def export(args: argparse.Namespace) -> int:
+    outputs = [o for o in (args.outputs or "").split(",") if o] or None
+    named, anonymous = parse_input_shapes(args.input_shape)
+    weights = [w for w in (args.weights or "").split(",") if w]
+    net, plan = build_deploy(args.model, weights, outputs, named, anonymous, args.stage)
+    _, errors = export_model(net, plan, args.output, args.opset, check=not args.no_verify)
+    per_item = {n: net.blob_shapes[n][1:] if _batched(net, plan, n) else net.blob_shapes[n] for n in plan.outputs}
+    shapes = ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in per_item.items())
+    batch = "dynamic batch" if trace_batch(plan) is not None else "fixed shapes (the inputs' first axes differ)"
+    print(f"wrote {args.output}: inputs {', '.join(plan.inputs)}; outputs (per item) {shapes}; {batch}")
+    if errors:
+        print(f"ONNX Runtime parity (batches 1, 2): max relative error {max(errors.values()):.3g}")
+    return 0
