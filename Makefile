@@ -40,16 +40,23 @@ proto: $(STAMP)
 	$(PROTOC) -I converter --python_out=converter converter/caffe.proto
 	sed -i 's/^import caffe_pb2/from converter import caffe_pb2/' converter/caffe_pb2.py
 
+# Converted CaffeNet vs hand-written PyTorch on the timing nets, AlexNet build time (issue 3):
+# benchmarks/results/converter.{md,json}. BENCH_FLAGS=--quick for 3 iterations of the KITTI net.
+bench: $(STAMP)
+	$(PY) benchmarks/bench_converter.py $(BENCH_FLAGS)
+
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache .ruff_cache
 
 # ---------------------------------------------------------------------------------------------------
 # KITTI egomotion (KITTI-AUT) and SFA (KITTI-SFA) pre-training of the AlexNet siamese net (notes §1.4.3-6).
-#   KITTI_DIR=/path/to/dataset make kitti                                   SCALE=full: the thesis's data
-#       (image_2, 00-08 / 09-10, 2,300 pairs per sequence) and schedule (60,000 / 40,000 iterations)
-#   KITTI_DIR=../shared/data/kitti_odometry_00 make kitti SCALE=demo        the 151-frame sample, minutes on CPU
+#   KITTI_DIR=/path/to/dataset make kitti SCALE=full                 the thesis's data (image_2, 00-08 / 09-10,
+#       2,300 pairs per sequence) and schedule (60,000 / 40,000 iterations)
+#   KITTI_DIR=../shared/data/kitti_odometry_00 make kitti SCALE=demo the 151-frame sample, minutes on CPU
+#       (SCALE defaults to demo, as for make train)
 # Data go to data/kitti/$(SCALE)/, runs to runs/kitti/$(SCALE)/ (the prototxts used, train.log, train.csv,
 # curves.png, heads.png, snapshots); the final snapshots are copied to runs/kitti/$(SCALE)/KITTI-{AUT,SFA}.caffemodel.
+# The LMDBs are made once (delete data/kitti/$(SCALE) to remake them).
 # GPU=0 (or 0,1 / all) trains on GPUs; KITTI_FLAGS adds kitti-pairs flags (e.g. "--translation-frame world"
 # for the thesis's exact labels, "--labels agrawal2015" for the paper's 22 classes, the heads follow).
 # ---------------------------------------------------------------------------------------------------
@@ -59,12 +66,11 @@ KITTI_DATA := data/kitti/$(SCALE)
 KITTI_CLI  := $(PY) -m runner.cli
 KITTI_PAIRS_full   := --camera image_2 --train 00-08 --val 09-10 --pairs-per-sequence 2300
 KITTI_PAIRS_demo   := --camera image_0 --mode color --train 00:0-119 --val 00:120-150 --train-pairs 800 --val-pairs 160
-# demo: batch 8, a few hundred iterations, a test every 100 on 80 validation pairs
+# demo: batch 8, a few hundred iterations (max_iter per net), a test every 100 on 80 validation pairs
 KITTI_NET_demo     := -e 's/batch_size: [0-9]*/batch_size: 8/'
 KITTI_SOLVER_demo  := -e 's/^test_iter: .*/test_iter: 10/' -e 's/^test_interval: .*/test_interval: 100/' \
                       -e 's/^snapshot: .*/snapshot: 100/' -e 's/^display: .*/display: 10/'
-KITTI_ITERS_demo   := -e 's/^max_iter: .*/max_iter: 300/'
-KITTI_SFA_ITERS_demo := -e 's/^max_iter: .*/max_iter: 200/'
+KITTI_ITERS_demo   := egomotion=300 sfa=200
 
 kitti: $(STAMP)
 	@if [ -z "$(KITTI_DIR)" ]; then echo "make kitti: KITTI_DIR is not set. KITTI odometry comes from https://www.cvlibs.net/datasets/kitti/eval_odometry.php (data_odometry_color.zip + data_odometry_poses.zip, free registration): unpack both into one folder and run KITTI_DIR=/path/to/dataset make kitti [SCALE=full|demo]; the 151-frame sample: KITTI_DIR=../shared/data/kitti_odometry_00 make kitti SCALE=demo"; exit 2; fi
@@ -75,13 +81,14 @@ kitti: $(STAMP)
 	@test -f $(KITTI_DATA)/sfa/summary.json || $(KITTI_CLI) data kitti-pairs --kitti-dir $(KITTI_DIR) \
 	    --out $(KITTI_DATA)/sfa --task sfa $(KITTI_PAIRS_$(SCALE)) $(KITTI_FLAGS) --mean --overwrite
 	@for t in egomotion sfa; do \
-	    iters='$(KITTI_ITERS_$(SCALE))'; [ $$t = sfa ] && iters='$(KITTI_SFA_ITERS_$(SCALE))'; \
+	    n=; for kv in $(KITTI_ITERS_$(SCALE)); do [ "$${kv%%=*}" = $$t ] && n=$${kv#*=}; done; \
 	    sed -e 's|data/kitti/|$(KITTI_DATA)/|' $(KITTI_NET_$(SCALE)) \
 	        $(if $(findstring agrawal2015,$(KITTI_FLAGS)),-e 's/num_output: 20$$/num_output: 22/') \
 	        prototxt/kitti/$${t}_train_val.prototxt \
 	        > $(KITTI_RUN)/$$t/train_val.prototxt; \
 	    sed -e 's|^net: .*|net: "$(KITTI_RUN)/'$$t'/train_val.prototxt"|' -e 's|^snapshot_prefix: "runs/kitti/|snapshot_prefix: "$(KITTI_RUN)/|' \
-	        $(KITTI_SOLVER_$(SCALE)) $$iters prototxt/kitti/$${t}_solver.prototxt > $(KITTI_RUN)/$$t/solver.prototxt; \
+	        $(KITTI_SOLVER_$(SCALE)) prototxt/kitti/$${t}_solver.prototxt > $(KITTI_RUN)/$$t/solver.prototxt; \
+	    if [ -n "$$n" ]; then sed -i "s/^max_iter: .*/max_iter: $$n/" $(KITTI_RUN)/$$t/solver.prototxt; fi; \
 	done
 	$(KITTI_CLI) train --solver $(KITTI_RUN)/egomotion/solver.prototxt $(if $(GPU),--gpu $(GPU))
 	$(KITTI_CLI) train --solver $(KITTI_RUN)/sfa/solver.prototxt $(if $(GPU),--gpu $(GPU))

@@ -119,6 +119,11 @@ class CaffeNet(nn.Module):
             self.blob_uses.append(self._append_params(lp, layer, param_index, generator))
             self.loss_weights.append(self._loss_weights(lp, layer))
         self.outputs = [b for b in self.blob_shapes if b not in consumed]
+        # What forward and loss walk on every call, resolved once (protobuf fields are slow to iterate).
+        self._steps = [(i, layer, tuple(lp.bottom), tuple(lp.top))
+                       for i, (lp, layer) in enumerate(zip(self.layer_params, self.layers, strict=True))
+                       if not isinstance(layer, DataLayer)]
+        self._loss_terms = self.loss_blobs()
 
     def _append_params(self, lp, layer: Layer, param_index: dict[str, int], generator) -> list[BlobUse]:
         specs = layer.blob_specs()
@@ -183,12 +188,18 @@ class CaffeNet(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Running
     # ------------------------------------------------------------------------------------------
-    def layer_blobs(self, i: int) -> list[torch.Tensor]:
+    def _param_tensors(self) -> list[nn.Parameter]:
+        """``list(self.params)`` without ParameterList's per-item string-key lookup (µs each, every layer)."""
+        return list(self.params._parameters.values())
+
+    def layer_blobs(self, i: int, params: list[nn.Parameter] | None = None) -> list[torch.Tensor]:
         """The tensors layer ``i`` computes with: shared storage, reshaped, detached when lr_mult is 0."""
+        if params is None:
+            params = self._param_tensors()
         blobs = []
         for use in self.blob_uses[i]:
-            p = self.params[use.learnable]
-            t = p if tuple(p.shape) == use.shape else p.view(use.shape)
+            p = params[use.learnable]
+            t = p if p.shape == use.shape else p.view(use.shape)
             blobs.append(t if use.propagate else t.detach())
         return blobs
 
@@ -207,24 +218,28 @@ class CaffeNet(nn.Module):
                 blobs[top] = inputs[top]
                 if versions is not None:
                     versions.setdefault(top, []).append(inputs[top])
-        for i, (lp, layer) in enumerate(zip(self.layer_params, self.layers, strict=True)):
-            if isinstance(layer, DataLayer):
-                continue
-            tops = layer([blobs[b] for b in lp.bottom], self.layer_blobs(i))
-            for name, value in zip(lp.top, tops, strict=True):
+        params = self._param_tensors()
+        for i, layer, bottoms, top_names in self._steps:
+            tops = layer([blobs[b] for b in bottoms], self.layer_blobs(i, params))
+            for name, value in zip(top_names, tops, strict=True):
                 blobs[name] = value
                 if versions is not None:
                     versions.setdefault(name, []).append(value)
         return blobs
 
     def loss(self, blobs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Caffe's net loss: Σ over layers and tops of loss_weight · sum(top)."""
+        """Caffe's net loss: Σ over layers and tops of loss_weight · sum(top).
+
+        A scalar top is its own sum and a weight of 1 is no product (both exact), so a loss layer's top
+        with the default weight enters the total as it is, without two more autograd nodes.
+        """
         total = None
-        for lp, weights in zip(self.layer_params, self.loss_weights, strict=True):
-            for name, w in zip(lp.top, weights, strict=True):
-                if w:
-                    term = w * blobs[name].sum()
-                    total = term if total is None else total + term
+        for name, w in self._loss_terms:
+            top = blobs[name]
+            term = top.sum() if top.dim() else top
+            if w != 1:
+                term = w * term
+            total = term if total is None else total + term
         if total is None:
             total = torch.zeros(())
         return total

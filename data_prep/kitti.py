@@ -83,7 +83,6 @@ frame order, their keys already shuffled).
 from __future__ import annotations
 
 import json
-import logging
 import math
 import re
 import time
@@ -97,8 +96,6 @@ import numpy as np
 from converter import caffe_pb2
 from converter.errors import CaffeError
 from data_prep.lmdb_io import LMDBWriter, caffe_key
-
-log = logging.getLogger(__name__)
 
 KITTI_URL = "https://www.cvlibs.net/datasets/kitti/eval_odometry.php"
 WHERE_KITTI = (f"KITTI odometry comes from {KITTI_URL} (data_odometry_color.zip or data_odometry_gray.zip, "

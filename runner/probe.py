@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -134,11 +136,12 @@ def model_transform(path: str | Path) -> caffe_pb2.TransformationParameter | Non
 
 
 def extract(session, blobs: list[str], source: ImageSource, refs: list[str], batch: int = 64,
-            workers: int = 4) -> dict[str, np.ndarray]:
+            workers: int = 4, store: Path | None = None) -> dict[str, np.ndarray]:
     """Features of ``blobs`` for every ref, flattened per item (Caffe's InnerProduct order), float32.
 
     Decoding and transforming run in a thread pool one batch ahead of ONNX Runtime (OpenCV and numpy
-    release the GIL), so the session is rarely idle.
+    release the GIL), so the session is rarely idle. With ``store`` the arrays are ``.npy`` memory maps
+    in that folder (SUN-397's unpooled maps for tens of thousands of images do not fit in memory).
     """
     names = [o.name for o in session.get_outputs()]
     missing = [b for b in blobs if b not in names]
@@ -162,7 +165,9 @@ def extract(session, blobs: list[str], source: ImageSource, refs: list[str], bat
             for name, v in zip(blobs, values, strict=True):
                 v = v.reshape(len(x), -1)
                 if name not in out:
-                    out[name] = np.empty((len(refs), v.shape[1]), dtype=np.float32)
+                    shape = (len(refs), v.shape[1])
+                    out[name] = np.empty(shape, dtype=np.float32) if store is None else \
+                        np.lib.format.open_memmap(store / f"{name.replace('/', '__')}.npy", "w+", np.float32, shape)
                 out[name][start:start + len(x)] = v
     return out
 
@@ -200,9 +205,32 @@ class Probe(nn.Module):
         return x
 
 
+SMALL_PROBE = 1 << 20
+"""Probes with fewer weights than this train single-threaded on the CPU: their ops are too small to gain
+from intra-op threads, and on a busy machine the threads' barriers cost 100x the work itself."""
+
+
+@contextlib.contextmanager
+def _cpu_threads(count: int | None):
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train_probe(x: torch.Tensor, y: torch.Tensor, classes: int, config: ProbeConfig, hidden: int, seed: int
                 ) -> tuple[Probe, list[float]]:
     """Caffe's SGD on a probe (see the module docstring); returns the probe and its per-iteration losses."""
+    weights = x.shape[1] * (hidden or classes) + hidden * classes
+    small = x.device.type == "cpu" and weights < SMALL_PROBE
+    with _cpu_threads(1 if small else None):
+        return _train_probe(x, y, classes, config, hidden, seed)
+
+
+def _train_probe(x, y, classes, config, hidden, seed):
     device = x.device
     g = torch.Generator().manual_seed(seed)
     probe = Probe(x.shape[1], classes, hidden, config.dropout, config.weight_std, config.bias_value, g).to(device)
@@ -274,6 +302,7 @@ class Experiment:
     seed: int = 0
     batch: int = 64
     device: str = "auto"
+    feature_dir: Path | None = None            # memory-map features there (one sub-folder per method)
     timings: dict[str, float] = field(default_factory=dict)
     providers_used: dict[str, str] = field(default_factory=dict)
 
@@ -309,20 +338,25 @@ def run(exp: Experiment) -> list[Result]:
         tp = exp.transform or model_transform(path) or caffe_pb2.TransformationParameter()
         source = ImageSource(tp, tuple(int(d) for d in shape[1:]), exp.resize, exp.pad_square)
         t0 = time.perf_counter()
-        features = extract(session, blobs, source, refs, exp.batch)
+        store = None
+        if exp.feature_dir is not None:
+            store = exp.feature_dir / method.replace("/", "_")
+            store.mkdir(parents=True, exist_ok=True)
+        features = extract(session, blobs, source, refs, exp.batch, store=store)
         exp.timings[f"{method}: features ({len(refs)} images)"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         for label, blob in exp.layers:
             hidden = exp.config.hidden if label in exp.config.mlp_layers else 0
-            feats = torch.from_numpy(features[blob])
+            feats = features[blob]
             for p, n, train, test in splits:
-                tr = torch.tensor([row[s.ref] for s in train])
-                te = torch.tensor([row[s.ref] for s in test])
+                tr = np.array([row[s.ref] for s in train])
+                te = np.array([row[s.ref] for s in test])
                 ytr = torch.tensor([index[s.label] for s in train], device=device)
                 yte = torch.tensor([index.get(s.label, -1) for s in test], device=device)
                 seed = exp.seed * 1_000_003 + p * 1009 + n
-                probe, losses = train_probe(feats[tr].to(device), ytr, classes, exp.config, hidden, seed)
-                acc, class_acc = evaluate(probe, feats[te].to(device), yte, classes)
+                probe, losses = train_probe(torch.from_numpy(feats[tr]).to(device), ytr, classes, exp.config,
+                                            hidden, seed)
+                acc, class_acc = evaluate(probe, torch.from_numpy(feats[te]).to(device), yte, classes)
                 results.append(Result(method, label, blob, n, p, acc, class_acc, len(train), len(test),
                                       losses[-1] if losses else float("nan")))
                 log.info("%s %s (%s) N=%d partition %d: %.2f %%", method, label, blob, n, p, 100 * acc)
@@ -409,8 +443,13 @@ def probe(args: argparse.Namespace) -> int:
     exp = experiment_from_args(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    exp.feature_dir = out / "features"
     started = time.perf_counter()
-    results = run(exp)
+    try:
+        results = run(exp)
+    finally:
+        if not args.keep_features:
+            shutil.rmtree(exp.feature_dir, ignore_errors=True)
     exp.timings["total"] = time.perf_counter() - started
     files = write_report(results, out, exp.config.kind, thesis=args.thesis_table)
     meta = {"probe": asdict(exp.config), "layers": exp.layers, "per_class": exp.per_class, "seed": exp.seed,

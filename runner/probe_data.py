@@ -126,23 +126,28 @@ def by_class(samples: list[Sample]) -> dict[int, list[Sample]]:
     return dict(sorted(groups.items()))
 
 
+def choose(pool: list[Sample], per_class: int, seed: int, partition: int, keep_one: bool = False
+           ) -> tuple[list[Sample], list[Sample]]:
+    """``per_class`` samples of every class drawn without replacement (seeded), and the rest, in pool order."""
+    rng = np.random.default_rng([seed, partition, per_class])
+    chosen_all, rest = [], []
+    for label, group in by_class(pool).items():
+        if len(group) < per_class + keep_one:
+            need = " (plus one left for testing)" if keep_one else ""
+            raise CaffeError(f"class {label} has {len(group)} training images, {per_class} per class asked{need}")
+        chosen = set(rng.choice(len(group), per_class, replace=False).tolist())
+        chosen_all.extend(group[i] for i in sorted(chosen))
+        rest.extend(group[i] for i in range(len(group)) if i not in chosen)
+    return chosen_all, rest
+
+
 def split(train_pool: list[Sample], test_pool: list[Sample] | None, per_class: int, seed: int, partition: int,
           test_per_class: int | None = None) -> tuple[list[Sample], list[Sample]]:
     """One partition: ``per_class`` training images per class (seeded), and its test images."""
-    rng = np.random.default_rng([seed, partition, per_class])
-    train, rest = [], []
-    for label, group in by_class(train_pool).items():
-        if len(group) < per_class + (0 if test_pool is not None else 1):
-            need = "" if test_pool is not None else " (plus one left for testing)"
-            raise CaffeError(f"class {label} has {len(group)} training images, {per_class} per class asked{need}")
-        chosen = set(rng.choice(len(group), per_class, replace=False).tolist())
-        train.extend(group[i] for i in sorted(chosen))
-        rest.extend(group[i] for i in range(len(group)) if i not in chosen)
+    train, rest = choose(train_pool, per_class, seed, partition, keep_one=test_pool is None)
     test = test_pool if test_pool is not None else rest
     if test_per_class is not None:
         test = [s for group in by_class(test).values() for s in group[:test_per_class]]
-    classes = {s.label for s in train}
-    test = [s for s in test if s.label in classes] if test_pool is None else test
     if not test:
         raise CaffeError("no test images left for this split")
     return train, test

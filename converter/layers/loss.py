@@ -66,6 +66,10 @@ def class_labels(layer: Layer, label: Tensor, outer: int, inner: int, num_classe
     DCHECK in Caffe (garbage memory in a release build); here it is an error naming the value.
     """
     lab = label.detach().reshape(outer, inner).to(torch.long)
+    if ignore_label is None and lab.numel():
+        low, high = torch.aminmax(lab)  # one pass for the common case; a bad label is reported below
+        if low >= 0 and high < num_classes:
+            return lab, torch.ones_like(lab, dtype=torch.bool)
     valid = lab != ignore_label if ignore_label is not None else torch.ones_like(lab, dtype=torch.bool)
     bad = valid & ((lab < 0) | (lab >= num_classes))
     if bool(bad.any()):
@@ -81,7 +85,8 @@ def _ignore_label(param) -> int | None:
 class _SoftmaxTargetLoss(torch.autograd.Function):
     """``loss = -Σ T·log(max(softmax(x), threshold)) / normalizer`` over (outer, C, inner) positions.
 
-    SoftmaxWithLoss is T = one-hot(label), InfogainLoss is T = H[label]; ignored positions have T = 0.
+    InfogainLoss is T = H[label] (SoftmaxWithLoss's one-hot T is :class:`_SoftmaxLabelLoss`); ignored
+    positions have T = 0.
     Caffe's backward is ``(p·ΣT - T) · top_diff / normalizer`` even where the clamp is active (the exact
     gradient of the clamped log would be 0 there). The probabilities are a second, non-differentiable
     output: Caffe's backward ignores the diff of the optional ``prob`` top.
@@ -100,6 +105,37 @@ class _SoftmaxTargetLoss(torch.autograd.Function):
         prob, target, norm = ctx.saved_tensors
         grad = (prob * target.sum(1, keepdim=True) - target) * (grad_loss / norm)
         return grad, None, None, None
+
+
+class _SoftmaxLabelLoss(torch.autograd.Function):
+    """:class:`_SoftmaxTargetLoss` for T = one-hot(label) without building T (SoftmaxWithLoss).
+
+    ``scores`` is (outer, C, inner), ``idx`` (outer, 1, inner) class indices, ``weight`` the same shape
+    holding 1 (0 where the label is ignored) or None. The loss picks ``log(max(p[label], threshold))``;
+    the backward is Caffe's ``p - 1`` at the label and ``p`` elsewhere (0 for an ignored position), times
+    ``top_diff / normalizer`` — the values ``p·ΣT - T`` gives, with a gather and a scatter instead of
+    C-wide products.
+    """
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, idx: Tensor, weight: Tensor | None, norm: Tensor, threshold: float):
+        prob = torch.softmax(scores, dim=1)
+        picked = torch.log(prob.gather(1, idx).clamp_min(threshold))
+        if weight is not None:
+            picked = picked * weight
+        loss = -picked.sum() / norm
+        ctx.save_for_backward(prob, idx, weight, norm)
+        ctx.mark_non_differentiable(prob)
+        return loss, prob
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, grad_prob: Tensor):
+        prob, idx, weight, norm = ctx.saved_tensors
+        if weight is None:
+            grad = prob.clone().scatter_add_(1, idx, torch.full_like(idx, -1, dtype=prob.dtype))
+        else:
+            grad = (prob * weight).scatter_add_(1, idx, -weight)
+        return grad * (grad_loss / norm), None, None, None, None
 
 
 class _ClampedLog(torch.autograd.Function):
@@ -158,14 +194,17 @@ class _SoftmaxFamily(LossLayer):
     def _loss(self, x: Tensor, label: Tensor, rows: Tensor | None, threshold: float) -> list[Tensor]:
         """Loss (and probabilities) with T = rows[label] (one-hot when ``rows`` is None)."""
         idx, valid = class_labels(self, label, self.outer, self.inner, self.channels, self.ignore_label)
+        scores = x.reshape(self.outer, self.channels, self.inner)
         if rows is None:
-            target = F.one_hot(idx, self.channels).to(x.dtype)
-        else:
-            target = rows.to(x.dtype)[idx]
+            norm = normalizer(self.normalization, self.outer, self.inner,
+                              valid if self.ignore_label is not None else None, x)
+            weight = None if self.ignore_label is None else valid.unsqueeze(1).to(x.dtype)
+            loss, prob = _SoftmaxLabelLoss.apply(scores, idx.unsqueeze(1), weight, norm, threshold)
+            return [loss, prob.reshape(x.shape)][: len(self.top_shapes)]
+        target = rows.to(x.dtype)[idx]
         target = (target * valid.unsqueeze(-1).to(x.dtype)).permute(0, 2, 1)
         norm = normalizer(self.normalization, self.outer, self.inner,
                           valid if self.ignore_label is not None else None, x)
-        scores = x.reshape(self.outer, self.channels, self.inner)
         loss, prob = _SoftmaxTargetLoss.apply(scores, target, norm, threshold)
         return [loss, prob.reshape(x.shape)][: len(self.top_shapes)]
 

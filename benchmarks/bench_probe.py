@@ -1,0 +1,116 @@
+"""Probe pipeline speed: ONNX Runtime feature extraction vs the PyTorch module, and probe training time.
+
+The net is the KITTI BCNN tower (``prototxt/kitti/bcnn_deploy.prototxt``: AlexNet conv1-conv5 + pool5) with
+seeded random weights, exported with the thesis's probe blobs (norm1, norm2, conv3, conv4, conv5) as
+outputs. Both engines get the same float32 batches of real ImageNet sample images (decoded and transformed
+once, outside the timed region), the same thread count, and are interleaved (alternating which goes
+first) so that drift of a shared machine hits both alike; medians are reported. The goal is ORT >= 1.5x
+the module's images/s on the CPU. Then one thesis probe per layer is trained on the extracted features
+(``--probe-iters`` iterations of batch 125, 8 classes) and its seconds per iteration are reported.
+
+Writes a markdown table to stdout and ``benchmarks/results/probe.{md,json}``.
+
+    .venv/bin/python benchmarks/bench_probe.py [--threads N] [--batch N] [--iters N] [--probe-iters N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from converter import caffe_pb2  # noqa: E402
+from converter.io import filter_net, net_state, read_net  # noqa: E402
+from converter.net import CaffeNet  # noqa: E402
+from runner.export import deploy_net, export_model, ort_session, rebatch  # noqa: E402
+from runner.probe import ProbeConfig, train_probe  # noqa: E402
+from runner.probe_data import ImageSource  # noqa: E402
+
+BCNN = ROOT / "prototxt" / "kitti" / "bcnn_deploy.prototxt"
+IMAGENET = ROOT.parent / "shared" / "data" / "imagenet_samples"
+RESULTS = Path(__file__).resolve().parent / "results"
+BLOBS = ["norm1", "norm2", "conv3", "conv4", "conv5"]
+GOAL = 1.5
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--iters", type=int, default=5, help="measured batches per engine")
+    ap.add_argument("--probe-iters", type=int, default=20)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    proto = filter_net(read_net(BCNN), net_state("TEST"))
+    plan = deploy_net(proto, BLOBS, {"data": (args.batch, 3, 227, 227)})
+    net = CaffeNet(plan.proto, generator=torch.Generator().manual_seed(0)).eval()
+    path = RESULTS / "bcnn_bench.onnx"
+    RESULTS.mkdir(exist_ok=True)
+    export_model(net, plan, path)
+    session = ort_session(path, threads=args.threads)
+    module = rebatch(net, plan, args.batch)
+
+    refs = sorted(str(p) for p in (IMAGENET / "images").glob("*.JPEG"))[:args.batch]
+    source = ImageSource(caffe_pb2.TransformationParameter(mean_value=[104, 117, 123]), (3, 227, 227))
+    x = source.batch(refs)
+    xt = torch.from_numpy(x)
+
+    def run_ort():
+        return session.run(BLOBS, {"data": x})
+
+    def run_torch():
+        with torch.no_grad():
+            blobs = module({"data": xt})
+            return [blobs[b] for b in BLOBS]
+
+    for f in (run_ort, run_torch):  # warm-up
+        f()
+    times = {"ort": [], "torch": []}
+    for i in range(args.iters):
+        order = [("ort", run_ort), ("torch", run_torch)]
+        for name, f in (order if i % 2 == 0 else order[::-1]):
+            t = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t)
+    ips = {k: args.batch / statistics.median(v) for k, v in times.items()}
+    ratio = ips["ort"] / ips["torch"]
+
+    features = dict(zip(BLOBS, (v.reshape(len(x), -1) for v in run_ort()), strict=True))
+    labels = torch.arange(len(x)) % 8
+    probe_s = {}
+    for i, blob in enumerate(BLOBS):
+        config = ProbeConfig.named("thesis", iters=args.probe_iters)
+        t = time.perf_counter()
+        train_probe(torch.from_numpy(features[blob]), labels, 8, config, 1000 if i >= 2 else 0, seed=0)
+        probe_s[blob] = (time.perf_counter() - t) / args.probe_iters
+
+    cpu = platform.processor() or platform.machine()
+    lines = [f"### Probe pipeline on the CPU ({args.threads} threads, {cpu})", "",
+             f"| engine | images/s (batch {args.batch}, median of {args.iters}) |", "|---|---|",
+             f"| ONNX Runtime (CPUExecutionProvider) | {ips['ort']:.1f} |",
+             f"| PyTorch module (CaffeNet) | {ips['torch']:.1f} |",
+             f"| ratio | {ratio:.2f}x (goal >= {GOAL}x: {'met' if ratio >= GOAL else 'NOT met'}) |", "",
+             "| probe (thesis definition, batch 125) | s / iteration |", "|---|---|"]
+    lines += [f"| {blob} ({'MLP 1000' if i >= 2 else 'linear'}, {features[blob].shape[1]} features) | {s:.4f} |"
+              for i, (blob, s) in enumerate(probe_s.items())]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    (RESULTS / "probe.md").write_text(text)
+    (RESULTS / "probe.json").write_text(json.dumps({"threads": args.threads, "batch": args.batch, "images_per_s": ips,
+                                                     "ratio": ratio, "probe_s_per_iter": probe_s}, indent=1))
+    path.unlink()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
