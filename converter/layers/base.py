@@ -111,6 +111,18 @@ class Layer(nn.Module):
         if not condition:
             raise self.error(message)
 
+    def live_shape(self, shape: Shape, x: torch.Tensor) -> Shape:
+        """A build-time top shape with the batch axis the bottom ``x`` actually has.
+
+        Nets are built for the batch size of their data layers (as Caffe's Reshape does) but run with any
+        batch (deploy nets, ONNX export with a dynamic batch): a top whose first axis is the bottom's
+        first axis follows it.
+        """
+        built = self.bottom_shapes[0] if self.bottom_shapes else ()
+        if shape and built and shape[0] == built[0] and x.dim() and x.shape[0] != built[0]:
+            return (int(x.shape[0]),) + tuple(shape[1:])
+        return shape
+
     def canonical_axis(self, axis: int, num_axes: int | None = None) -> int:
         """Caffe's Blob::CanonicalAxisIndex: negative axes count from the end, range-checked."""
         n = len(self.bottom_shapes[0]) if num_axes is None else num_axes

@@ -82,7 +82,7 @@ class InnerProduct(Layer):
         y = x.matmul(w if self.transpose else w.t())
         if self.bias_term:
             y = y + blobs[1]
-        return [y.reshape(self.top_shapes[0])]
+        return [y.reshape(self.live_shape(self.top_shapes[0], bottoms[0]))]
 
 
 @register("Embed")
@@ -178,7 +178,7 @@ class ArgMax(Layer):
             return [values if self.out_max_val else indices]
         values, indices = caffe_topk(x.reshape(x.shape[0], -1), 1, self.top_k)
         parts = [indices, values] if self.out_max_val else [indices]
-        return [torch.stack(parts, dim=1).reshape(self.top_shapes[0])]
+        return [torch.stack(parts, dim=1).reshape(self.live_shape(self.top_shapes[0], x))]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -383,7 +383,7 @@ class Flatten(Layer):
         self.top_shapes = [shape[:start] + (count(shape, start, end + 1),) + shape[end + 1:]]
 
     def forward(self, bottoms: list[torch.Tensor], blobs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [bottoms[0].reshape(self.top_shapes[0])]
+        return [bottoms[0].reshape(self.live_shape(self.top_shapes[0], bottoms[0]))]
 
 
 @register("Reshape")
@@ -429,7 +429,7 @@ class Reshape(Layer):
         self.top_shapes = [tuple(top)]
 
     def forward(self, bottoms: list[torch.Tensor], blobs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [bottoms[0].reshape(self.top_shapes[0])]
+        return [bottoms[0].reshape(self.live_shape(self.top_shapes[0], bottoms[0]))]
 
 
 @register("Crop")
@@ -515,7 +515,8 @@ class Reduction(Layer):
         self.top_shapes = [shape[: self.axis]]
 
     def forward(self, bottoms: list[torch.Tensor], blobs: list[torch.Tensor]) -> list[torch.Tensor]:
-        x = bottoms[0].reshape(count(self.top_shapes[0]), self.dim)
+        top = self.live_shape(self.top_shapes[0], bottoms[0])
+        x = bottoms[0].reshape(count(top), self.dim)
         if self.op == ReductionOp.ASUM:
             x = x.abs()
         elif self.op == ReductionOp.SUMSQ:
@@ -523,7 +524,7 @@ class Reduction(Layer):
         y = x.sum(dim=1)
         if self.coeff != 1:
             y = y * self.coeff
-        return [y.reshape(self.top_shapes[0])]
+        return [y.reshape(top)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -555,11 +556,7 @@ class BatchNorm(Layer):
         self.maf = p.moving_average_fraction
         self.eps = p.eps
         self.channels = shape[1]
-        self.num = shape[0]
         self.spatial = count(shape, 2)
-        m = self.num * self.spatial
-        self.bias_correction = float(np.float32(m) / np.float32(m - 1)) if m > 1 else 1.0
-        self.inv_count = float(np.float32(1.0 / m)) if m else 0.0
         for i, spec in enumerate(lp.param[:3]):
             self.check(spec.lr_mult == 0,
                        f"Cannot configure batch normalization statistics as layer parameters "
@@ -570,12 +567,16 @@ class BatchNorm(Layer):
         zero = constant_filler(0.0)
         return [BlobSpec((self.channels,), zero), BlobSpec((self.channels,), zero), BlobSpec((1,), zero)]
 
-    def _batch_mean(self, x: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _batch_mean(x: torch.Tensor, inv_count: float) -> torch.Tensor:
         """Caffe's two gemv: per (n, c) sums scaled by 1/(N·S), then summed over n."""
-        return (x.sum(dim=2) * self.inv_count).sum(dim=0)
+        return (x.sum(dim=2) * inv_count).sum(dim=0)
 
     def forward(self, bottoms: list[torch.Tensor], blobs: list[torch.Tensor]) -> list[torch.Tensor]:
-        x = bottoms[0].reshape(self.num, self.channels, self.spatial)
+        num = bottoms[0].shape[0]
+        x = bottoms[0].reshape(num, self.channels, self.spatial)
+        m = num * self.spatial
+        inv_count = float(np.float32(1.0 / m)) if m else 0.0
         mean_blob, var_blob, factor = blobs
         if self.use_global_stats:
             f = factor.detach()
@@ -583,15 +584,16 @@ class BatchNorm(Layer):
             mean, var = mean_blob.detach() * scale, var_blob.detach() * scale
             centred = x - mean[:, None]
         else:
-            mean = self._batch_mean(x)
+            mean = self._batch_mean(x, inv_count)
             centred = x - mean[:, None]
-            var = self._batch_mean(centred * centred)
+            var = self._batch_mean(centred * centred, inv_count)
+            bias_correction = float(np.float32(m) / np.float32(m - 1)) if m > 1 else 1.0
             with torch.no_grad():
                 factor.mul_(self.maf).add_(1)
                 mean_blob.mul_(self.maf).add_(mean.detach())
-                var_blob.mul_(self.maf).add_(var.detach() * self.bias_correction)
+                var_blob.mul_(self.maf).add_(var.detach() * bias_correction)
         std = torch.sqrt(var + self.eps)
-        return [(centred / std[:, None]).reshape(self.top_shapes[0])]
+        return [(centred / std[:, None]).reshape(bottoms[0].shape)]
 
 
 def _operand_shape(layer: Layer, axis: int, num_axes: int, what: str) -> Shape:

@@ -357,6 +357,8 @@ class LRN(Layer):
             mean = F.avg_pool2d(square, n, 1, pre_pad, False, True)
             scale = 1 + self.alpha * mean
         else:
-            mean = F.avg_pool3d(square.unsqueeze(1), (n, 1, 1), 1, (pre_pad, 0, 0), False, True).squeeze(1)
+            # zero channels padded explicitly: Caffe accepts fewer channels than local_size
+            padded = F.pad(square.unsqueeze(1), (0, 0, 0, 0, pre_pad, pre_pad))
+            mean = F.avg_pool3d(padded, (n, 1, 1), 1).squeeze(1)
             scale = self.k + self.alpha * mean
         return [x * scale.pow(-self.beta)]
