@@ -70,7 +70,7 @@ KITTI_PAIRS_demo   := --camera image_0 --mode color --train 00:0-119 --val 00:12
 KITTI_NET_demo     := -e 's/batch_size: [0-9]*/batch_size: 8/'
 KITTI_SOLVER_demo  := -e 's/^test_iter: .*/test_iter: 10/' -e 's/^test_interval: .*/test_interval: 100/' \
                       -e 's/^snapshot: .*/snapshot: 100/' -e 's/^display: .*/display: 10/'
-KITTI_ITERS_demo   := egomotion=300 sfa=200
+KITTI_ITERS_demo   := egomotion=200 sfa=150
 
 kitti: $(STAMP)
 	@if [ -z "$(KITTI_DIR)" ]; then echo "make kitti: KITTI_DIR is not set. KITTI odometry comes from https://www.cvlibs.net/datasets/kitti/eval_odometry.php (data_odometry_color.zip + data_odometry_poses.zip, free registration): unpack both into one folder and run KITTI_DIR=/path/to/dataset make kitti [SCALE=full|demo]; the 151-frame sample: KITTI_DIR=../shared/data/kitti_odometry_00 make kitti SCALE=demo"; exit 2; fi

@@ -1,0 +1,41 @@
+"""The MNIST experiment driver end to end at its smallest scale: data, three pre-trainings, fine-tuning,
+the results table and plots, and a rerun that reuses what is done."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from runner.experiments import mnist as experiment
+from tests.test_mnist import mnist_dir
+
+
+def test_smoke_scale_runs_end_to_end(tmp_path, capsys):
+    argv = ["--scale", "smoke", "--runs", str(tmp_path / "runs"), "--data", str(tmp_path / "data"),
+            "--mnist-dir", str(mnist_dir())]
+    assert experiment.main(["eval", *argv]) == 2  # nothing pre-trained yet: one clear line
+    assert "run `make train` first" in capsys.readouterr().err
+    assert experiment.main(["train", *argv]) == 0
+    runs = tmp_path / "runs" / "smoke"
+    for method in ("egomotion", "sfa10", "sfa100"):
+        assert (runs / method / "BEST").exists()
+        assert (runs / method / "train.log").read_text().count("Iteration 0, Testing net (#0)") == 1
+        solver = (runs / method / "solver.prototxt").read_text()
+        assert "max_iter: 20" in solver and str(runs / method / "net.prototxt") in solver
+    assert "margin: 100" in (runs / "sfa100" / "net.prototxt").read_text()
+    assert experiment.main(["eval", *argv, "--labels", "100", "--seeds", "1"]) == 0
+    rows = list(csv.DictReader(open(runs / "results.csv")))
+    assert sorted(r["method"] for r in rows) == ["egomotion", "scratch", "sfa10", "sfa100"]
+    for r in rows:
+        assert 0.0 <= float(r["accuracy_full_test"]) <= 1.0
+        # the thesis's measure is one batch of 125 digits: a multiple of 1/125
+        assert float(r["accuracy_last_batch"]) * 125 == pytest.approx(round(float(r["accuracy_last_batch"]) * 125),
+                                                                      abs=1e-3)
+    table = (runs / "results.md").read_text()
+    assert "| egomotion |" in table and "[0.75]" in table and "last test batch" in table
+    assert (runs / "accuracy.png").stat().st_size > 1000 and (runs / "pretraining_loss.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert experiment.main(["train", *argv]) == 0  # everything done before is reused, not redone
+    out = capsys.readouterr().out
+    assert "is ready" in out and out.count("done before") == 3
