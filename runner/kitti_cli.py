@@ -108,9 +108,12 @@ def plot_heads(csv_path: str | Path, output: str | Path, title: str = "", classe
         raise CaffeError(f"{csv_path}: no loss or accuracy rows")
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 3 * len(panels)), sharex=True, squeeze=False)
     for ax, (name, series) in zip(axes[:, 0], panels, strict=True):
-        for label, points in series.items():
-            style = "o-" if not label.startswith("train") else "-"
-            ax.plot(*zip(*sorted(points), strict=True), style, ms=3, lw=1, label=label)
+        for i, (label, points) in enumerate(series.items()):
+            head = label.rsplit("_", 1)[-1]  # loss_x -> x: one colour per head, train thin, test with dots
+            colour = {"x": "tab:blue", "y": "tab:orange", "z": "tab:green"}.get(head, f"C{3 + i % 7}")
+            train = label.startswith("train")
+            ax.plot(*zip(*sorted(points), strict=True), "-" if train else "o-", color=colour, ms=4,
+                    lw=0.8 if train else 2, alpha=0.6 if train else 1, label=label)
         if name == "accuracy":
             ax.axhline(1 / classes, color="grey", ls="--", lw=1, label=f"chance (1/{classes})")
         ax.set_ylabel(name)
