@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 PROTOC  := $(PY) -m grpc_tools.protoc
 
-.PHONY: install test lint proto train eval bench clean
+.PHONY: install test lint proto train eval eval-transfer bench clean
 
 install: $(STAMP)
 
@@ -33,6 +33,12 @@ train: $(STAMP)
 eval: $(STAMP)
 	$(PY) -m runner.experiments.mnist eval --scale $(SCALE)
 
+# SUN-397 layer probes and ImageNet fine-tuning of pre-trained snapshots (runner/experiments/transfer.py):
+#   SUN_DIR=… IMAGENET_DIR=… PRETRAINED=KITTI-EGO=a.caffemodel,KITTI-SFA=b.caffemodel make eval-transfer
+eval-transfer: $(STAMP)
+	$(PY) -m runner.experiments.transfer all --sun-dir "$(SUN_DIR)" --imagenet-dir "$(IMAGENET_DIR)" \
+	    --pretrained "$(PRETRAINED)"
+
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
@@ -40,10 +46,14 @@ proto: $(STAMP)
 	$(PROTOC) -I converter --python_out=converter converter/caffe.proto
 	sed -i 's/^import caffe_pb2/from converter import caffe_pb2/' converter/caffe_pb2.py
 
-# Converted CaffeNet vs hand-written PyTorch on the timing nets, AlexNet build time (issue 3):
-# benchmarks/results/converter.{md,json}. BENCH_FLAGS=--quick for 3 iterations of the KITTI net.
+# All measurements, each writing benchmarks/results/<name>.{md,json}: converted CaffeNet vs hand-written
+# PyTorch on the timing nets and AlexNet build time; the MNIST pair generator and egomotion training speed;
+# the KITTI pair generator; ONNX Runtime feature extraction. BENCH_FLAGS=--quick: fewer KITTI-net iterations.
 bench: $(STAMP)
 	$(PY) benchmarks/bench_converter.py $(BENCH_FLAGS)
+	$(PY) benchmarks/bench_mnist.py
+	$(PY) benchmarks/bench_kitti.py
+	$(PY) benchmarks/bench_probe.py
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache .ruff_cache

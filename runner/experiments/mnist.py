@@ -279,6 +279,23 @@ def write_results(runs: Path, results: list[dict], scale_name: str, counts: list
     for method in THESIS:
         lines.append(f"| {METHOD_NAMES[method]} | "
                      + " | ".join(cell(method, c, "last_batch_accuracy") for c in counts) + " |")
+    lines += ["", "Pre-training behind these numbers (from each run's train.log):", ""]
+    for method in PRETRAIN:
+        log = runs / method / "train.log"
+        if log.exists():
+            losses = [float(line.rsplit("=", 1)[1]) for line in log.read_text().splitlines()
+                      if "), loss = " in line]
+            best = (runs / method / "BEST").read_text().strip() if (runs / method / "BEST").exists() else "?"
+            lines.append(f"- {METHOD_NAMES[method]}: {len(losses)} displays, loss {losses[0]:.4g} → "
+                         f"{losses[-1]:.4g}, weights from `{Path(best).name}` (the lowest training loss among the "
+                         "snapshots, as the thesis)")
+    if scale_name != "full":
+        lines += ["", f"SCALE={scale_name} shortens the thesis's schedule (`SCALES` in runner/experiments/mnist.py): "
+                  "fewer pairs, fewer pre-training iterations and, for SFA, batch 125 instead of 800. Egomotion's "
+                  "features are already useful after a few thousand iterations; the SFA nets (margins 10 and 100 "
+                  "on unnormalised 100-d features, lr 0.01 and 0.001) are far from converged at this length, so "
+                  "their rows are not a verdict on SFA — the thesis's own second run of SFA m=100 (notes §1.4.5) "
+                  "was unstable too (0.33/0.45/0.50/0.50)."]
     (runs / "results.md").write_text("\n".join(lines) + "\n")
     plot_results(runs, table, counts)
     say("\n".join(lines))
