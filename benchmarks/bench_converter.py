@@ -102,8 +102,10 @@ def check_agreement(name: str, net: CaffeNet, hand: torch.nn.Module, inputs: dic
     return diff
 
 
-def time_pair(steps: dict[str, tuple], warmup: int, iters: int, device: torch.device) -> dict[str, dict[str, float]]:
-    """Median forward and forward+backward ms of each step, interleaved, alternating which goes first."""
+def time_pair(steps: dict[str, tuple], warmup: int, iters: int, device: torch.device,
+              clock=time.perf_counter) -> dict[str, dict]:
+    """Forward and forward+backward ms of each step per iteration, the steps interleaved (alternating
+    which goes first), with their medians and minima."""
 
     def sync():
         if device.type == "cuda":
@@ -117,21 +119,22 @@ def time_pair(steps: dict[str, tuple], warmup: int, iters: int, device: torch.de
             for p in params:
                 p.grad = None
             sync()
-            start = time.perf_counter()
+            start = clock()
             loss = run()
             sync()
-            mid = time.perf_counter()
+            mid = clock()
             loss.backward()
             sync()
-            end = time.perf_counter()
+            end = clock()
             if i >= warmup:
                 samples[name]["forward"].append((mid - start) * 1e3)
                 samples[name]["total"].append((end - start) * 1e3)
-    return {n: {f"{k}_ms": statistics.median(v) for k, v in s.items()} for n, s in samples.items()}
+    return {n: {"forward_ms": statistics.median(s["forward"]), "total_ms": statistics.median(s["total"]),
+                "total_min_ms": min(s["total"]), "total_samples_ms": s["total"]} for n, s in samples.items()}
 
 
 def bench_net(name: str, warmup: int, iters: int, threads: int, device: torch.device,
-              caffe: dict[tuple[str, int], dict[str, float]]) -> dict:
+              caffe: dict[tuple[str, int], dict[str, float]], clock=time.perf_counter) -> dict:
     proto = filter_net(read_net(TIMING / f"{name}.prototxt"), net_state("TRAIN"))
     net = CaffeNet(proto).to(device).train()
     hand = handwritten.build(name).to(device).train()
@@ -141,14 +144,18 @@ def bench_net(name: str, warmup: int, iters: int, threads: int, device: torch.de
     times = time_pair({
         "caffenet": (lambda: net.loss(net(inputs)), list(net.params)),
         "handwritten": (lambda: hand(inputs), list(hand.parameters())),
-    }, warmup, iters, device)
+    }, warmup, iters, device, clock)
+    c, h = times["caffenet"], times["handwritten"]
     ref = caffe.get((name, threads)) if device.type == "cpu" else None
     batch = next(iter(net.input_shapes().values()))[0]
     return {
         "net": name, "batch": batch, "threads": threads, "device": str(device), "warmup": warmup, "iters": iters,
         "loss_abs_diff": loss_diff, "caffenet": times["caffenet"], "handwritten": times["handwritten"],
-        "ratio": times["caffenet"]["total_ms"] / times["handwritten"]["total_ms"],
-        "forward_ratio": times["caffenet"]["forward_ms"] / times["handwritten"]["forward_ms"],
+        "ratio": c["total_ms"] / h["total_ms"],
+        "paired_ratio": statistics.median(a / b for a, b in zip(c["total_samples_ms"], h["total_samples_ms"],
+                                                                   strict=True)),
+        "ratio_of_minima": c["total_min_ms"] / h["total_min_ms"],
+        "forward_ratio": c["forward_ms"] / h["forward_ms"],
         "caffe": ref,
     }
 
@@ -171,13 +178,19 @@ def markdown(results: list[dict], build: dict | None, meta: dict) -> str:
     lines = [
         "# Converter speed: CaffeNet vs hand-written PyTorch",
         "",
-        f"torch {meta['torch']}, {meta['device']}, {meta['threads']} thread(s) of {meta['cpus']} CPUs; "
-        f"forward + `loss.backward()` per iteration, median of the measured iterations after warm-up, the two "
-        f"implementations interleaved; `benchmarks/bench_converter.py{' --quick' if meta['quick'] else ''}`.",
+        f"torch {meta['torch']}, {meta['device']}, {meta['threads']} thread(s) of {meta['cpus']} CPUs, "
+        f"{meta['clock']}; `{' '.join(['benchmarks/bench_converter.py', meta['argv']]).strip()}`. "
+        "Forward + `loss.backward()` per iteration, the two implementations interleaved; medians of the "
+        "measured iterations after warm-up. "
+        "The ratio is CaffeNet / hand-written (medians); the paired ratio is the median over iterations of "
+        "the two adjacent timings' ratio, and the ratio of minima compares the least disturbed iterations: "
+        f"both are steadier than the first when the machine is shared (load average at the start: "
+        f"{meta['loadavg']}).",
         "",
         "| net | batch | iters | CaffeNet fwd ms | CaffeNet fwd+bwd ms | hand-written fwd ms "
-        "| hand-written fwd+bwd ms | ratio fwd+bwd (goal ≤ 1.05) | ratio fwd | BVLC Caffe fwd+bwd ms |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| hand-written fwd+bwd ms | ratio fwd+bwd (goal ≤ 1.05) | paired ratio | ratio of minima | ratio fwd "
+        "| BVLC Caffe fwd+bwd ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         c, h, ref = r["caffenet"], r["handwritten"], r["caffe"]
@@ -185,7 +198,8 @@ def markdown(results: list[dict], build: dict | None, meta: dict) -> str:
         caffe_cell = f"{ref['total_ms']:,.1f} ({r['threads']} thr)" if ref else "–"
         lines.append(f"| {r['net']} | {r['batch']} | {r['iters']} | {c['forward_ms']:.1f} | {c['total_ms']:.1f} "
                      f"| {h['forward_ms']:.1f} | {h['total_ms']:.1f} | {r['ratio']:.3f} ({verdict}) "
-                     f"| {r['forward_ratio']:.3f} | {caffe_cell} |")
+                     f"| {r['paired_ratio']:.3f} | {r['ratio_of_minima']:.3f} | {r['forward_ratio']:.3f} "
+                     f"| {caffe_cell} |")
     if build is not None:
         verdict = "ok" if build["build_s"] < GOAL_BUILD_S else "ABOVE GOAL"
         lines += ["", f"Building the AlexNet CaffeNet ({build['net']}, TRAIN, data 256x3x227x227): "
@@ -205,10 +219,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, help="warm-up iterations (default 3, --quick 1)")
     parser.add_argument("--nets", default=",".join(NETS), help="comma-separated subset of " + ", ".join(NETS))
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time with the process's CPU time instead of the wall clock (with --threads 1 "
+                             "this ignores other processes on a shared machine)")
     parser.add_argument("--no-build", action="store_true", help="skip the AlexNet build timing")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for converter.md / converter.json")
     args = parser.parse_args(argv)
 
+    load = os.getloadavg()
+    clock = time.process_time if args.cpu_time else time.perf_counter
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
@@ -217,11 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.nets.split(","):
         iters = args.iters or ITERS[name][1 if args.quick else 0]
         print(f"timing {name}: {warmup} warm-up + {iters} iterations ...", file=sys.stderr, flush=True)
-        results.append(bench_net(name, warmup, iters, args.threads, device, caffe))
+        results.append(bench_net(name, warmup, iters, args.threads, device, caffe, clock))
     build = None if args.no_build else bench_alexnet_build(1 if args.quick else 3)
 
     meta = {"torch": torch.__version__, "device": str(device), "threads": args.threads, "cpus": os.cpu_count(),
-            "platform": platform.platform(), "quick": args.quick}
+            "platform": platform.platform(), "quick": args.quick,
+            "argv": " ".join(sys.argv[1:] if argv is None else argv),
+            "clock": "process CPU time" if args.cpu_time else "wall clock",
+            "loadavg": " ".join(f"{v:.2f}" for v in load)}
     text = markdown(results, build, meta)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

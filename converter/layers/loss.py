@@ -67,7 +67,8 @@ def class_labels(layer: Layer, label: Tensor, outer: int, inner: int, num_classe
     """
     lab = label.detach().reshape(outer, inner).to(torch.long)
     if ignore_label is None and lab.numel():
-        low, high = torch.aminmax(lab)  # one pass for the common case; a bad label is reported below
+        # One pass for the common case; a bad label falls through to the report naming the first one.
+        low, high = (int(v) for v in torch.aminmax(lab))
         if low >= 0 and high < num_classes:
             return lab, torch.ones_like(lab, dtype=torch.bool)
     valid = lab != ignore_label if ignore_label is not None else torch.ones_like(lab, dtype=torch.bool)

@@ -311,9 +311,14 @@ class Pooling(Layer):
         # Caffe's strict '>' against its -FLT_MAX start value: a window with nothing above -FLT_MAX gives
         # -FLT_MAX and no gradient. threshold is exactly that in one op (and one in backward); the
         # TorchScript ONNX exporter only knows threshold 0, so a traced graph gets compare and where.
+        # On the CPU a read-only min first: when every window has something above -FLT_MAX (always, but
+        # for -inf/-FLT_MAX inputs or empty windows) the rule changes nothing and costs no copy and no
+        # backward pass (LeNet: 1.5% of a training step). On a GPU the check would be a sync; not done.
         # (A NaN in a window: torch's max propagates it, Caffe's '>' skips it; neither form is Caffe's.)
         if tracing:
             top = torch.where(raw > -FLT_MAX, raw, -FLT_MAX)
+        elif not want_mask and raw.device.type == "cpu" and raw.numel() and float(raw.detach().min()) > -FLT_MAX:
+            top = raw
         else:
             top = F.threshold(raw, -FLT_MAX, -FLT_MAX)
         if not want_mask:
