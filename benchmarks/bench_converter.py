@@ -33,6 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import handwritten  # noqa: E402
+from common import emit, figure, net_forward_flops, ref  # noqa: E402
+from gemm_peak import gemm_runs, peak_gflops  # noqa: E402
 
 from converter.io import filter_net, net_state, read_net  # noqa: E402
 from converter.net import CaffeNet  # noqa: E402
@@ -66,6 +68,10 @@ def caffe_times(path: Path = REFERENCE / "caffe-times.md") -> dict[tuple[str, in
             continue
         times[(cells[0].split(" ")[0], int(threads))] = {"forward_ms": fwd, "backward_ms": bwd, "total_ms": total}
     return times
+
+
+def gpu_peak_gflops(device: torch.device) -> float:
+    return statistics.median(gemm_runs(4096, 5, str(device)))
 
 
 def make_inputs(net: CaffeNet, generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
@@ -146,7 +152,7 @@ def bench_net(name: str, warmup: int, iters: int, threads: int, device: torch.de
         "handwritten": (lambda: hand(inputs), list(hand.parameters())),
     }, warmup, iters, device, clock)
     c, h = times["caffenet"], times["handwritten"]
-    ref = caffe.get((name, threads)) if device.type == "cpu" else None
+    caffe_ref = caffe.get((name, threads)) if device.type == "cpu" else None
     batch = next(iter(net.input_shapes().values()))[0]
     return {
         "net": name, "batch": batch, "threads": threads, "device": str(device), "warmup": warmup, "iters": iters,
@@ -156,7 +162,8 @@ def bench_net(name: str, warmup: int, iters: int, threads: int, device: torch.de
                                                                    strict=True)),
         "ratio_of_minima": c["total_min_ms"] / h["total_min_ms"],
         "forward_ratio": c["forward_ms"] / h["forward_ms"],
-        "caffe": ref,
+        "caffe": caffe_ref, "forward_flops": net_forward_flops(net),
+        "gemm_peak_gflops": peak_gflops(threads) if device.type == "cpu" else gpu_peak_gflops(device),
     }
 
 
@@ -193,9 +200,9 @@ def markdown(results: list[dict], build: dict | None, meta: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        c, h, ref = r["caffenet"], r["handwritten"], r["caffe"]
+        c, h, caffe_row = r["caffenet"], r["handwritten"], r["caffe"]
         verdict = "ok" if r["ratio"] <= GOAL_RATIO else "ABOVE GOAL"
-        caffe_cell = f"{ref['total_ms']:,.1f} ({r['threads']} thr)" if ref else "–"
+        caffe_cell = f"{caffe_row['total_ms']:,.1f} ({r['threads']} thr)" if caffe_row else "–"
         lines.append(f"| {r['net']} | {r['batch']} | {r['iters']} | {c['forward_ms']:.1f} | {c['total_ms']:.1f} "
                      f"| {h['forward_ms']:.1f} | {h['total_ms']:.1f} | {r['ratio']:.3f} ({verdict}) "
                      f"| {r['paired_ratio']:.3f} | {r['ratio_of_minima']:.3f} | {r['forward_ratio']:.3f} "
@@ -245,11 +252,27 @@ def main(argv: list[str] | None = None) -> int:
             "clock": "process CPU time" if args.cpu_time else "wall clock",
             "loadavg": " ".join(f"{v:.2f}" for v in load)}
     text = markdown(results, build, meta)
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "converter.md").write_text(text)
-    (args.out / "converter.json").write_text(json.dumps({"meta": meta, "nets": results, "alexnet_build": build},
-                                                        indent=2) + "\n")
+    print(text, file=sys.stderr)
+    figures = []
+    for r in results:  # per net: CaffeNet fwd+bwd vs the hand-written module, Caffe, and the GEMM peak
+        c = r["caffenet"]
+        peak_ms = 3 * r["forward_flops"] / (r["gemm_peak_gflops"] * 1e9) * 1e3
+        figures.append(figure(
+            f"{r['net']} (batch {r['batch']}) forward+backward, {r['threads']} threads", c["total_samples_ms"], "ms",
+            ref("hand-written PyTorch module", "measured", r["handwritten"]["total_ms"]),
+            ref(f"BVLC Caffe, {r['threads']} threads", "caffe", (r["caffe"] or {}).get("total_ms")),
+            ref(f"3x forward FLOPs at the GEMM peak ({r['gemm_peak_gflops']:.0f} GFLOP/s)", "measured", peak_ms),
+            device=r["device"]))
+    if build is not None:
+        figures.append(figure("AlexNet CaffeNet build (TRAIN, 256x3x227x227)", build["build_samples_s"], "s",
+                              ref("goal", "goal", GOAL_BUILD_S)))
+    if args.out == RESULTS:
+        emit("converter", figures, {"meta": meta, "nets": results, "alexnet_build": build}, text)
+    else:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "converter.md").write_text(text)
+        (args.out / "converter.json").write_text(json.dumps({"meta": meta, "nets": results, "alexnet_build": build,
+                                                            "figures": figures}, indent=2) + "\n")
     return 0
 
 

@@ -8,7 +8,7 @@ first) so that drift of a shared machine hits both alike; medians are reported. 
 the module's images/s on the CPU. Then one thesis probe per layer is trained on the extracted features
 (``--probe-iters`` iterations of batch 125, 8 classes) and its seconds per iteration are reported.
 
-Writes a markdown table to stdout and ``benchmarks/results/probe.{md,json}``.
+Writes ``benchmarks/results/probe.{md,json}`` (the table also to stderr) and prints one JSON line.
 
     .venv/bin/python benchmarks/bench_probe.py [--threads N] [--batch N] [--iters N] [--probe-iters N]
 """
@@ -16,7 +16,6 @@ Writes a markdown table to stdout and ``benchmarks/results/probe.{md,json}``.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -34,6 +33,9 @@ from converter.net import CaffeNet  # noqa: E402
 from runner.export import deploy_net, export_model, ort_session, rebatch  # noqa: E402
 from runner.probe import ProbeConfig, train_probe  # noqa: E402
 from runner.probe_data import ImageSource  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit, figure, ref  # noqa: E402
 
 BCNN = ROOT / "prototxt" / "kitti" / "bcnn_deploy.prototxt"
 IMAGENET = ROOT.parent / "shared" / "data" / "imagenet_samples"
@@ -104,10 +106,16 @@ def main() -> int:
     lines += [f"| {blob} ({'MLP 1000' if i >= 2 else 'linear'}, {features[blob].shape[1]} features) | {s:.4f} |"
               for i, (blob, s) in enumerate(probe_s.items())]
     text = "\n".join(lines) + "\n"
-    print(text)
-    (RESULTS / "probe.md").write_text(text)
-    (RESULTS / "probe.json").write_text(json.dumps({"threads": args.threads, "batch": args.batch, "images_per_s": ips,
-                                                     "ratio": ratio, "probe_s_per_iter": probe_s}, indent=1))
+    print(text, file=sys.stderr)
+    torch_ips = ips["torch"]
+    figures = [figure(f"ONNX Runtime feature extraction, BCNN batch {args.batch}, {args.threads} threads",
+                      [args.batch / t for t in times["ort"]], "images/s",
+                      ref("the PyTorch module (CaffeNet), same run", "measured", torch_ips),
+                      ref("goal: 1.5x the module", "goal", GOAL * torch_ips), higher_is_better=True),
+               figure(f"PyTorch module (CaffeNet) feature extraction, batch {args.batch}",
+                      [args.batch / t for t in times["torch"]], "images/s", higher_is_better=True)]
+    emit("probe", figures, {"threads": args.threads, "batch": args.batch, "images_per_s": ips, "ratio": ratio,
+                            "probe_s_per_iter": probe_s}, text)
     path.unlink()
     return 0
 

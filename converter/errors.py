@@ -4,6 +4,9 @@ The CLI catches :class:`CaffeError`, prints its message as a single line and exi
 anything else escaping is an internal bug and may traceback.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class CaffeError(Exception):
     """A user-facing error: bad file, bad field, shapes that do not fit, missing data."""
@@ -12,3 +15,12 @@ class CaffeError(Exception):
 def layer_error(layer_name: str, layer_type: str, message: str) -> CaffeError:
     """An error that names the layer it happened in, as every build-time check should."""
     return CaffeError(f"layer '{layer_name}' ({layer_type}): {message}")
+
+
+@contextmanager
+def prefixed(prefix: str) -> Iterator[None]:
+    """Re-raise a CaffeError from the block with ``prefix: `` in front (e.g. the database a bad record is in)."""
+    try:
+        yield
+    except CaffeError as e:
+        raise CaffeError(f"{prefix}: {e}") from None

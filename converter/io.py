@@ -10,6 +10,7 @@ User mistakes raise :class:`CaffeError` with one line: ``path:line:col: message`
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -462,11 +463,15 @@ def is_legacy_blob(blob: caffe_pb2.BlobProto) -> bool:
 
 def blob_to_array(blob: caffe_pb2.BlobProto, what: str = "blob") -> np.ndarray:
     shape = blob_shape(blob)
+    if any(d < 0 for d in shape):  # Blob::Reshape CHECK_GE(shape[i], 0)
+        raise CaffeError(f"{what}: shape {shape} has a negative dimension")
     if len(blob.double_data):
         values = np.asarray(blob.double_data, dtype=np.float64).astype(np.float32)
     else:
         values = np.asarray(blob.data, dtype=np.float32)
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)  # Python ints: a product of huge dims must not wrap around as int64 would
+    if math.prod(d for d in shape if d) * 4 >= 1 << 63:  # numpy cannot even shape an empty float32 array so
+        raise CaffeError(f"{what}: shape {shape} is absurd")
     if values.size != count:
         raise CaffeError(f"{what}: holds {values.size} values but its shape {shape} needs {count}")
     return values.reshape(shape)

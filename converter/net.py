@@ -13,7 +13,9 @@ whose ParamSpec has ``lr_mult: 0`` uses a detached view, so it contributes no gr
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +29,29 @@ from converter.layers.base import Shape
 from converter.layers.data import DataLayer, MissingShapes
 
 DimCheckMode = caffe_pb2.ParamSpec.DimCheckMode
+FLOAT_BYTES = 4  # every blob is float32, as Caffe's Dtype = float
+
+
+@functools.lru_cache(maxsize=1)
+def available_memory() -> int | None:
+    """Bytes of memory this process may use: the machine's physical memory, or its cgroup's limit when lower
+    (None when neither can be read). A net that needs more cannot run here, so it is refused at build time."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        total = None
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            limit = int(open(limit_file).read().strip())
+        except (OSError, ValueError):  # absent, or "max"
+            continue
+        if limit > 0 and (total is None or limit < total):
+            total = limit
+    return total
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n:,} bytes ({n / 2**30:,.1f} GiB)"
 
 
 @dataclass
@@ -69,6 +94,7 @@ class CaffeNet(nn.Module):
         self.data_layers: list[DataLayer] = []
         self.blob_shapes: dict[str, Shape] = {}
         self.missing_shapes: list[MissingShapes] = []
+        self._bytes_needed = 0  # parameters + tops so far (see _check_memory)
         self._build(net, shapes or {}, generator, allow_missing_shapes)
 
     # ------------------------------------------------------------------------------------------
@@ -112,6 +138,7 @@ class CaffeNet(nn.Module):
                                   f"{len(lp.top)} named")
             for t, s in zip(lp.top, layer.top_shapes, strict=True):
                 self.blob_shapes[t] = tuple(s)
+            self._check_memory(lp, layer, param_index)
             if isinstance(layer, DataLayer):
                 self.data_layers.append(layer)
             self.layer_params.append(lp)
@@ -124,6 +151,34 @@ class CaffeNet(nn.Module):
                        for i, (lp, layer) in enumerate(zip(self.layer_params, self.layers, strict=True))
                        if not isinstance(layer, DataLayer)]
         self._loss_terms = self.loss_blobs()
+
+    def _check_memory(self, lp, layer: Layer, param_index: dict[str, int]) -> None:
+        """Refuse, before the fillers allocate anything, a layer whose blobs cannot fit in this machine's memory.
+
+        Counts the layer's new learnable blobs (shared ones are already counted) and its tops, and the running
+        total of the net so far (parameters plus one float32 copy of every top: a lower bound of what a forward
+        pass holds). Caffe would die in ``cudaMalloc``/``malloc`` at the first Forward; PyTorch would abort with
+        an allocator error halfway through the fillers.
+        """
+        limit = available_memory()
+        if limit is None:
+            return
+        blobs = []
+        for i, spec in enumerate(layer.blob_specs()):
+            name = lp.param[i].name if i < len(lp.param) else ""
+            if not (name and name in param_index):
+                blobs.append((f"learnable blob {i}", tuple(spec.shape)))
+        blobs += [(f"top '{t}'", tuple(s)) for t, s in zip(lp.top, layer.top_shapes, strict=True)]
+        for what, shape in blobs:
+            size = FLOAT_BYTES * math.prod(shape)
+            if size > limit:
+                raise layer_error(lp.name, lp.type, f"{what} of shape {'x'.join(map(str, shape))} needs "
+                                  f"{_fmt_bytes(size)}, more than this machine's memory ({_fmt_bytes(limit)})")
+            self._bytes_needed += size
+        if self._bytes_needed > limit:
+            raise layer_error(lp.name, lp.type, f"the net needs at least {_fmt_bytes(self._bytes_needed)} for its "
+                              f"parameters and blobs up to this layer, more than this machine's memory "
+                              f"({_fmt_bytes(limit)})")
 
     def _append_params(self, lp, layer: Layer, param_index: dict[str, int], generator) -> list[BlobUse]:
         specs = layer.blob_specs()
@@ -146,7 +201,8 @@ class CaffeNet(nn.Module):
                 self.learnable.append(Learnable(where, ps.name, lr, ps.decay_mult,
                                                 statistic or ps.HasField("lr_mult"), ps.HasField("decay_mult"),
                                                 [where]))
-                self.params.append(nn.Parameter(fill(spec.filler, spec.shape, where, generator),
+                what = f"layer '{lp.name}' ({lp.type}) learnable blob {i}"
+                self.params.append(nn.Parameter(fill(spec.filler, spec.shape, what, generator),
                                                 requires_grad=False))
             else:
                 index = param_index[ps.name]

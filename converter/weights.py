@@ -57,8 +57,15 @@ def copy_trained_layers(net: CaffeNet, source: caffe_pb2.NetParameter, what: str
 
 
 def load_weights(net: CaffeNet, path: str | os.PathLike) -> list[str]:
-    """``--weights file.caffemodel`` for one file."""
-    return copy_trained_layers(net, read_net(path), str(path))
+    """``--weights file.caffemodel`` for one file.
+
+    A file without a single layer (an empty file parses as an empty NetParameter) is refused: Caffe would
+    silently copy nothing and train or test from the fillers' values.
+    """
+    source = read_net(path)
+    if not len(source.layer):
+        raise CaffeError(f"{path}: holds no layers (empty, or not a .caffemodel)")
+    return copy_trained_layers(net, source, str(path))
 
 
 def net_to_proto(net: CaffeNet, with_diff: bool = False) -> caffe_pb2.NetParameter:

@@ -51,9 +51,90 @@ def decode_mode(force_color: bool = False, force_gray: bool = False) -> str:
     return "color" if force_color else "gray" if force_gray else "native"
 
 
+#: Refuse encoded images larger than this before decoding (OpenCV's own limit is 2**30 pixels).
+MAX_IMAGE_PIXELS = 1 << 28
+#: No PNG (deflate ≤ 1032:1, 8 pixels per byte at 1 bit), JPEG (≥ 1 bit per 8x8 block), BMP or GIF packs more
+#: pixels per file byte: a header that declares more is corrupt or a decompression bomb (a mutated 600-byte
+#: JPEG declaring 30000x30000 makes OpenCV allocate 2.7 GB and spend 40 s "decoding" it).
+MAX_PIXELS_PER_BYTE = 1 << 14
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """Width, height from the first SOFn marker (None when there is none before the scan)."""
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        if marker == 0xDA:  # start of scan: no frame header seen
+            return None
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if i + 9 > len(data):
+                return None
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+        i += 2 + length
+    return None
+
+
+def _png_chunks_fit(data: bytes) -> bool:
+    """Whether every PNG chunk's declared length fits in the data (OpenCV 4.10+ reads chunks itself and
+    allocates the declared length first: one flipped length byte costs 4 GB and seconds)."""
+    pos = 8
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        if length > len(data) - pos - 12:
+            return False
+        if data[pos + 4:pos + 8] == b"IEND":
+            break
+        pos += 12 + length
+    return True
+
+
+def encoded_image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) an encoded PNG/JPEG/BMP/GIF declares in its header, None for other or short data."""
+    if data.startswith(b"\x89PNG") and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data.startswith(b"\xff\xd8"):
+        return _jpeg_size(data)
+    if data.startswith(b"BM") and len(data) >= 26:
+        if int.from_bytes(data[14:18], "little") == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes
+            return int.from_bytes(data[18:20], "little"), int.from_bytes(data[20:22], "little")
+        return (abs(int.from_bytes(data[18:22], "little", signed=True)),
+                abs(int.from_bytes(data[22:26], "little", signed=True)))
+    if data.startswith(b"GIF8") and len(data) >= 10:
+        return int.from_bytes(data[6:8], "little"), int.from_bytes(data[8:10], "little")
+    return None
+
+
+def check_image_size(data: bytes, where: str) -> None:
+    """Refuse, before OpenCV allocates anything, an encoded image whose header declares absurd sizes."""
+    if data.startswith(b"\x89PNG") and not _png_chunks_fit(data):
+        raise CaffeError(f"{where}: encoded png has a chunk longer than the data (truncated or corrupt), refusing")
+    size = encoded_image_size(data)
+    if size is None:
+        return
+    pixels = size[0] * size[1]
+    if pixels > MAX_IMAGE_PIXELS or pixels > len(data) * MAX_PIXELS_PER_BYTE:
+        raise CaffeError(f"{where}: encoded {encoding_of(data)} declares {size[0]}x{size[1]} pixels in {len(data)} "
+                         f"bytes (limit {MAX_IMAGE_PIXELS} pixels, {MAX_PIXELS_PER_BYTE} per byte): corrupt or a "
+                         "decompression bomb, refusing")
+
+
 def decode_image(buf: bytes | np.ndarray, mode: str = "native", key: bytes | str | None = None) -> np.ndarray:
     """``cv::imdecode`` of PNG/JPEG/... bytes to C, H, W uint8 (BGR for colour)."""
-    img = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), DECODE_FLAGS[mode])
+    data = np.frombuffer(buf, dtype=np.uint8)
+    check_image_size(data.tobytes() if isinstance(buf, np.ndarray) else bytes(buf), _where(key))
+    try:  # OpenCV asserts (cv2.error) on empty input instead of returning None
+        img = cv2.imdecode(data, DECODE_FLAGS[mode]) if data.size else None
+    except cv2.error:
+        img = None
     if img is None:
         raise CaffeError(f"{_where(key)}: encoded data could not be decoded as an image")
     return image_to_chw(img, key)
@@ -78,6 +159,8 @@ def datum_to_array(datum: caffe_pb2.Datum, force_color: bool = False, force_gray
     if datum.encoded:
         return decode_image(datum.data, decode_mode(force_color, force_gray), key)
     shape = (datum.channels, datum.height, datum.width)
+    if min(shape) < 0:
+        raise CaffeError(f"{_where(key)}: channels x height x width = {'x'.join(map(str, shape))} has a negative size")
     count = shape[0] * shape[1] * shape[2]
     if datum.data:
         if len(datum.data) != count:
@@ -92,10 +175,11 @@ def datum_to_array(datum: caffe_pb2.Datum, force_color: bool = False, force_gray
 
 def datum_shape(datum: caffe_pb2.Datum, force_color: bool = False, force_gray: bool = False,
                 key: bytes | str | None = None) -> tuple[int, int, int]:
-    """C, H, W of the Datum's image (encoded data is decoded to find it, as Caffe's InferBlobShape does)."""
-    if datum.encoded:
-        return tuple(datum_to_array(datum, force_color, force_gray, key).shape)
-    return (datum.channels, datum.height, datum.width)
+    """C, H, W of the Datum's image (encoded data is decoded to find it, as Caffe's InferBlobShape does).
+
+    A raw Datum's header is checked against its data, so a corrupt header never becomes a blob shape.
+    """
+    return tuple(datum_to_array(datum, force_color, force_gray, key).shape)
 
 
 def array_to_datum(array: np.ndarray, label: int = 0) -> caffe_pb2.Datum:

@@ -11,7 +11,13 @@ otherwise ``cv::imencode('.' + type)``. Transactions are committed every 1000 im
 
 Differences from Caffe, all on bad input: a missing or unreadable image is an error naming the list
 line (Caffe logs it and skips the line), and ``--check_size`` compares image shapes (also for encoded
-images, where Caffe's check compares byte counts).
+images, where Caffe's check compares byte counts). With a root folder, a listed path that leaves it
+(``../``, or an absolute path, which Caffe would glue onto the root) is refused before anything is read.
+Images are decoded from their bytes (``cv::imdecode``, the decoder ``imread`` uses, EXIF orientation
+included) after their header is checked, so an empty file, a truncated JPEG (which ``imread`` would fill
+with grey) or a decompression bomb is refused instead of decoded. A run that fails on bad input removes
+the database it created (a partial DB is never left behind as if complete); ``--append`` keeps the records
+committed before.
 
 ``compute_image_mean DB [MEAN]``: the float32 sum of every Datum (encoded ones decoded natively),
 accumulated record by record in key order exactly as Caffe's ``float`` BlobProto accumulates, divided
@@ -31,9 +37,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from converter.errors import CaffeError
+from converter.errors import CaffeError, prefixed
 from converter.io import write_blobproto
-from data_prep.datum import datum_to_array, encoded_datum, image_to_datum, parse_datum
+from data_prep.datum import check_image_size, datum_to_array, encoded_datum, image_to_datum, parse_datum
 from data_prep.lmdb_io import LMDBReader, LMDBWriter, caffe_key
 
 log = logging.getLogger(__name__)
@@ -46,10 +52,32 @@ class ListEntry:
     label: int
 
 
-def read_list(listfile: str | os.PathLike) -> list[ListEntry | None]:
+def check_under_root(root: str, path: str, where: str) -> None:
+    """Refuse a list path that leaves ``root`` once glued to it (Caffe reads ``root + path``, plain text).
+
+    The root folder is ``root`` itself when it ends in '/', else its parent (``root`` is then a file-name
+    prefix). The test is lexical (``..`` resolved, symlinks not followed), so a root made of symlinks to
+    the real images still works. No root (``""``) means paths are taken as they are, as in Caffe.
+    """
+    if not root:
+        return
+    if os.path.isabs(path):
+        raise CaffeError(f"{where}: '{path}' is an absolute path, but paths are relative to the root folder "
+                         f"'{root}' (Caffe would read '{root + path}'); give the path under the root, or an "
+                         "empty root")
+    base = os.path.normpath(root if root.endswith(("/", os.sep)) else os.path.dirname(root) or ".")
+    full = os.path.normpath(root + path)
+    rel = os.path.relpath(full, base) if os.path.isabs(full) == os.path.isabs(base) else ".."
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        raise CaffeError(f"{where}: '{path}' leaves the root folder '{root}' (it resolves to '{full}'); "
+                         "listed paths must stay under the root")
+
+
+def read_list(listfile: str | os.PathLike, root: str | None = None) -> list[ListEntry | None]:
     """``<path> <label>`` lines, split at the last space; blank lines are None (they keep their index).
 
     Caffe parses the label with ``atoi`` (garbage → 0); here a line without an integer label is an error.
+    With ``root`` every path must stay under it (:func:`check_under_root`).
     """
     try:
         text = Path(listfile).read_text()
@@ -71,17 +99,41 @@ def read_list(listfile: str | os.PathLike) -> list[ListEntry | None]:
             value = None
         if not sep or not path or value is None or not -2**31 <= value < 2**31:
             raise CaffeError(f"{listfile}:{n}: expected '<path> <integer label>', got '{line}'")
+        if root is not None:
+            check_under_root(root, path, f"{listfile}:{n}")
         entries.append(ListEntry(n, path, value))
     if not any(entries):
         raise CaffeError(f"{listfile}: the list is empty")
     return entries
 
 
-def read_image(filename: str, height: int = 0, width: int = 0, is_color: bool = True) -> np.ndarray | None:
-    """``ReadImageToCVMat``: imread colour (BGR) or gray, then resize to width×height if both are set."""
-    img = cv2.imread(filename, cv2.IMREAD_COLOR if is_color else cv2.IMREAD_GRAYSCALE)
+def read_image(filename: str, height: int = 0, width: int = 0, is_color: bool = True, where: str = "") -> np.ndarray:
+    """``ReadImageToCVMat``: decode colour (BGR) or gray, then resize to width×height if both are set.
+
+    Every way the file can be unusable is a CaffeError ``<where>: cannot read image '<file>' (<why>)``.
+    """
+    prefix = f"{where}: " if where else ""
+
+    def refuse(why: str) -> CaffeError:
+        return CaffeError(f"{prefix}cannot read image '{filename}' ({why})")
+
+    try:
+        data = Path(filename).read_bytes()
+    except FileNotFoundError:
+        raise refuse("no such file") from None
+    except IsADirectoryError:
+        raise refuse("it is a folder") from None
+    except OSError as e:
+        raise refuse(e.strerror or str(e)) from None
+    if not data:
+        raise refuse("the file is empty")
+    check_image_size(data, f"{prefix}image '{filename}'")
+    try:
+        img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR if is_color else cv2.IMREAD_GRAYSCALE)
+    except cv2.error:
+        img = None
     if img is None:
-        return None
+        raise refuse("not an image OpenCV can decode, or a truncated or corrupt one")
     if height > 0 and width > 0:
         img = cv2.resize(img, (width, height))
     return img
@@ -117,7 +169,7 @@ def convert_imageset(root: str, listfile: str | os.PathLike, db: str | os.PathLi
     """Write the listed images into an LMDB of Datums as Caffe's convert_imageset; returns counts."""
     is_color = not gray
     resize_height, resize_width = max(0, resize_height), max(0, resize_width)
-    entries = read_list(listfile)
+    entries = read_list(listfile, root)
     if shuffle:
         order = np.random.default_rng(seed).permutation(len(entries))
         entries = [entries[i] for i in order]
@@ -137,9 +189,7 @@ def convert_imageset(root: str, listfile: str | os.PathLike, db: str | os.PathLi
         """``ReadImageToDatum`` for one line: the serialized Datum and the image's shape."""
         line_id, entry = job
         filename = root + entry.path
-        img = read_image(filename, resize_height, resize_width, is_color)
-        if img is None:
-            raise CaffeError(f"{listfile}:{entry.line}: cannot read image '{filename}' (missing or not an image)")
+        img = read_image(filename, resize_height, resize_width, is_color, f"{listfile}:{entry.line}")
         enc = encoding_for(entry)
         if enc:
             channels = img.shape[2] if img.ndim == 3 else 1
@@ -156,23 +206,41 @@ def convert_imageset(root: str, listfile: str | os.PathLike, db: str | os.PathLi
 
     counts = {"written": 0, "skipped": 0}
     first_shape: tuple[tuple[int, ...], int] | None = None
-    with LMDBWriter(db, mode=mode, commit_every=commit_every) as writer:
-        jobs = ((i, e) for i, e in enumerate(entries)
-                if e is not None and not (mode == "append" and caffe_key(i, e.path) in writer))
-        for line_id, entry, value, shape in _ordered(load, jobs, threads):
-            if check_size:
-                if first_shape is None:
-                    first_shape = (shape, entry.line)
-                elif shape != first_shape[0]:
-                    raise CaffeError(f"{listfile}:{entry.line}: '{entry.path}' is {shape} (HxW[xC]) but line "
-                                     f"{first_shape[1]} was {first_shape[0]} (--check_size)")
-            if writer.put(caffe_key(line_id, entry.path), value):
-                counts["written"] += 1
-                if counts["written"] % 1000 == 0:
-                    log.info("Processed %d files.", counts["written"])
-        counts["skipped"] = sum(1 for i, e in enumerate(entries) if e is not None) - counts["written"]
+    existed = Path(db).exists()
+    writer = LMDBWriter(db, mode=mode, commit_every=commit_every)  # its refusals touch nothing
+    try:
+        with writer:
+            jobs = ((i, e) for i, e in enumerate(entries)
+                    if e is not None and not (mode == "append" and caffe_key(i, e.path) in writer))
+            for line_id, entry, value, shape in _ordered(load, jobs, threads):
+                if check_size:
+                    if first_shape is None:
+                        first_shape = (shape, entry.line)
+                    elif shape != first_shape[0]:
+                        raise CaffeError(f"{listfile}:{entry.line}: '{entry.path}' is {shape} (HxW[xC]) but line "
+                                         f"{first_shape[1]} was {first_shape[0]} (--check_size)")
+                if writer.put(caffe_key(line_id, entry.path), value):
+                    counts["written"] += 1
+                    if counts["written"] % 1000 == 0:
+                        log.info("Processed %d files.", counts["written"])
+            counts["skipped"] = sum(1 for i, e in enumerate(entries) if e is not None) - counts["written"]
+    except CaffeError:
+        if mode != "append":  # a new DB that stopped on bad input is not a DB of the list: remove it
+            discard_lmdb(Path(db), remove_folder=not existed)
+        raise
     log.info("Processed %d files.", counts["written"])
     return counts
+
+
+def discard_lmdb(path: Path, remove_folder: bool) -> None:
+    """Delete the LMDB files this run wrote (and the folder when the run created it)."""
+    for name in ("data.mdb", "lock.mdb"):
+        (path / name).unlink(missing_ok=True)
+    if remove_folder:
+        try:
+            path.rmdir()
+        except OSError:  # something else is in it now: leave the folder
+            pass
 
 
 def compute_image_mean(db: str | os.PathLike, out: str | os.PathLike | None = None
@@ -180,20 +248,21 @@ def compute_image_mean(db: str | os.PathLike, out: str | os.PathLike | None = No
     """The mean Datum of an LMDB as (1, C, H, W) float32, and the per-channel means Caffe logs."""
     with LMDBReader(db) as reader:
         key, value = reader.first()
-        shape = datum_to_array(parse_datum(value, key), key=key).shape
-        total = np.zeros(shape, dtype=np.float32)
-        flat = total.reshape(-1)
-        count = 0
-        for key, value in reader.items():
-            values = datum_to_array(parse_datum(value, key), key=key)
-            if values.size != flat.size:
-                raise CaffeError(f"record '{key.decode(errors='replace')}': {values.size} values "
-                                 f"({'x'.join(map(str, values.shape))}) but the first record has {flat.size} "
-                                 f"({'x'.join(map(str, shape))})")
-            flat += values.reshape(-1)  # float32 += uint8/float32, record by record: Caffe's float sums
-            count += 1
-            if count % 10000 == 0:
-                log.info("Processed %d files.", count)
+        with prefixed(f"LMDB '{db}'"):  # a bad record names its database
+            shape = datum_to_array(parse_datum(value, key), key=key).shape
+            total = np.zeros(shape, dtype=np.float32)
+            flat = total.reshape(-1)
+            count = 0
+            for key, value in reader.items():
+                values = datum_to_array(parse_datum(value, key), key=key)
+                if values.size != flat.size:
+                    raise CaffeError(f"record '{key.decode(errors='replace')}': {values.size} values "
+                                     f"({'x'.join(map(str, values.shape))}) but the first record has {flat.size} "
+                                     f"({'x'.join(map(str, shape))})")
+                flat += values.reshape(-1)  # float32 += uint8/float32, record by record: Caffe's float sums
+                count += 1
+                if count % 10000 == 0:
+                    log.info("Processed %d files.", count)
     mean = (total / np.float32(count)).astype(np.float32)[None]
     c = mean.shape[1]
     # Caffe sums each channel of the mean image in float, pixel by pixel (cumsum is sequential too).

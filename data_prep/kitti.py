@@ -90,11 +90,11 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from converter import caffe_pb2
 from converter.errors import CaffeError
+from data_prep.imageset import discard_lmdb, read_image
 from data_prep.lmdb_io import LMDBWriter, caffe_key
 
 KITTI_URL = "https://www.cvlibs.net/datasets/kitti/eval_odometry.php"
@@ -162,15 +162,43 @@ def parse_ranges(spec: str) -> list[Range]:
     return out
 
 
+ROTATION_TOLERANCE = 1e-3  # KITTI's poses are printed with 7 significant digits: |R Rᵀ - I| ~ 1e-7
+
+
 def read_poses(path: str | Path) -> np.ndarray:
-    """``poses/NN.txt`` as (N, 3, 4) float64."""
+    """``poses/NN.txt`` as (N, 3, 4) float64: one 3x4 pose [R | t] per line, R a rotation.
+
+    Each line is checked (12 finite numbers, R orthonormal with determinant +1 within
+    ``ROTATION_TOLERANCE``); a bad line is a CaffeError naming ``path:line``.
+    """
     try:
-        values = np.loadtxt(path, dtype=np.float64, ndmin=2)
-    except (OSError, ValueError) as e:
-        raise CaffeError(f"{path}: cannot read poses ({e})") from None
-    if values.shape[1] != 12:
-        raise CaffeError(f"{path}: expected 12 numbers per line (a 3x4 pose), got {values.shape[1]}")
-    return values.reshape(-1, 3, 4)
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CaffeError(f"{path}: cannot read poses ({getattr(e, 'strerror', None) or e})") from None
+    poses = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 12:
+            raise CaffeError(f"{path}:{n}: expected 12 numbers per line (a 3x4 pose), got {len(fields)}")
+        try:
+            pose = np.array([float(f) for f in fields], dtype=np.float64).reshape(3, 4)
+        except ValueError:
+            raise CaffeError(f"{path}:{n}: expected 12 numbers per line (a 3x4 pose), got '{line.strip()[:80]}'") \
+                from None
+        if not np.all(np.isfinite(pose)):
+            raise CaffeError(f"{path}:{n}: the pose holds NaN or infinite values")
+        r = pose[:, :3]
+        error = float(np.abs(r @ r.T - np.eye(3)).max())
+        det = float(np.linalg.det(r))
+        if error > ROTATION_TOLERANCE or abs(det - 1) > ROTATION_TOLERANCE:
+            raise CaffeError(f"{path}:{n}: the left 3x3 block is not a rotation (|R Rᵀ - I| = {error:.3g}, "
+                             f"det R = {det:.4g})")
+        poses.append(pose)
+    if not poses:
+        raise CaffeError(f"{path}: holds no poses")
+    return np.stack(poses)
 
 
 @dataclass
@@ -232,10 +260,9 @@ def open_sequence(root: Path, rng_spec: Range, cameras: tuple[str, ...], need_po
 
 
 def read_frame(path: Path, mode: str) -> np.ndarray:
-    """A frame as C, H, W uint8 (colour as OpenCV's BGR, what Caffe stores)."""
-    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE if mode == "gray" else cv2.IMREAD_COLOR)
-    if img is None:
-        raise CaffeError(f"{path}: cannot read the image")
+    """A frame as C, H, W uint8 (colour as OpenCV's BGR, what Caffe stores); unreadable frames, empty or
+    truncated files and decompression bombs are a CaffeError naming the file."""
+    img = read_image(str(path), is_color=mode != "gray")
     return img[None] if img.ndim == 2 else np.ascontiguousarray(img.transpose(2, 0, 1))
 
 
@@ -566,10 +593,17 @@ def write_lmdbs(pairs: Pairs, sequences: dict[str, Sequence], image_db: Path, la
     # up front (a Datum of two windows plus page overhead) instead of growing by doubling.
     channels = 6 if mode == "color" else 2
     record = channels * int(pairs.window[0, 2] * pairs.window[0, 3]) + 4096 if len(pairs) else 4096
-    labels = LMDBWriter(label_db, lmdb_mode, skip_existing=False, map_size=(len(pairs) * 64 + (1 << 20)) * 2) \
-        if label_db is not None else None
+    existed = {db: db.exists() for db in (image_db, label_db) if db is not None}
+    opened: list[Path] = []  # the LMDBs this call created or emptied, removed again if it fails on bad input
+    labels = None
     try:
-        with LMDBWriter(image_db, lmdb_mode, skip_existing=False, map_size=len(pairs) * record + (64 << 20)) as images:
+        if label_db is not None:
+            labels = LMDBWriter(label_db, lmdb_mode, skip_existing=False,
+                                map_size=(len(pairs) * 64 + (1 << 20)) * 2)
+            opened.append(label_db)
+        images = LMDBWriter(image_db, lmdb_mode, skip_existing=False, map_size=len(pairs) * record + (64 << 20))
+        opened.append(image_db)
+        with images:
             for i in order.tolist():
                 seq, cam = pairs.sequence[i], pairs.camera[i]
                 cache.release_before(seq, cam, int(first[i]))
@@ -579,6 +613,13 @@ def write_lmdbs(pairs: Pairs, sequences: dict[str, Sequence], image_db: Path, la
                 images.put(key, pair_datum(img1, img2, pairs.window[i], int(pairs.sfa[i])))
                 if labels is not None:
                     labels.put(key, label_datum(pairs.classes[i]))
+    except CaffeError:
+        if labels is not None:
+            labels.close()
+            labels = None
+        for db in opened:  # a bad frame midway: no half-written LMDB is left looking complete
+            discard_lmdb(db, remove_folder=not existed[db])
+        raise
     finally:
         if labels is not None:
             labels.close()
@@ -692,6 +733,9 @@ def _check_options(opts: PairOptions) -> None:
             raise CaffeError(f"camera '{camera}': expected one of {', '.join(CAMERAS)}")
     if opts.max_offset < 1 or opts.sfa_max_offset < 1 or opts.crop < 1 or opts.pairs_per_sequence < 1:
         raise CaffeError("--max-offset, --sfa-max-offset, --crop and --pairs-per-sequence must be positive")
+    for split, total in opts.total_pairs.items():
+        if total < 1:
+            raise CaffeError(f"--{split}-pairs must be positive, got {total}")
 
 
 def _check_overlap(splits: dict[str, list[Sequence]]) -> None:

@@ -274,8 +274,9 @@ class LMDBWriter:
                 new_size = self.env.info()["map_size"] * 2
                 log.info("Doubling LMDB map size to %d MB", new_size >> 20)
                 self.env.set_mapsize(new_size)
-            except lmdb.Error as e:
-                raise CaffeError(f"writing LMDB '{self.path}' failed ({e})") from None
+            except lmdb.Error as e:  # a failed commit leaves the DB as of the last commit (LMDB's own guarantee)
+                raise CaffeError(f"writing LMDB '{self.path}' failed ({e}): disk full or file size limit "
+                                 "reached?") from None
         self.written += len(self._pending)
         self._pending.clear()
         self._pending_keys.clear()

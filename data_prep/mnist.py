@@ -76,7 +76,27 @@ def _load_folder(folder: Path, origin: str) -> Mnist:
         return read_idx(path if path.exists() else folder / name.removesuffix(".gz"))
 
     names = list(MNIST_FILES)
-    return Mnist(pick(names[0]), pick(names[1]), pick(names[2]), pick(names[3]), origin)
+    arrays = [pick(name) for name in names]
+    for (images_name, images), (labels_name, labels) in ((names[0], arrays[0]), (names[1], arrays[1])), \
+            ((names[2], arrays[2]), (names[3], arrays[3])):
+        _check_digits(folder / images_name.removesuffix(".gz"), images, folder / labels_name.removesuffix(".gz"),
+                      labels)
+    return Mnist(*arrays, origin)
+
+
+def _check_digits(images_path: Path, images: np.ndarray, labels_path: Path, labels: np.ndarray) -> None:
+    """MNIST's shapes and types: (N, 28, 28) uint8 digits (the pairs rotate about (14, 14)), N uint8 labels 0..9."""
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise CaffeError(f"{images_path}: expected N 28x28 uint8 digits, the file holds {images.dtype} of shape "
+                         f"{images.shape}")
+    if labels.dtype != np.uint8 or labels.ndim != 1:
+        raise CaffeError(f"{labels_path}: expected N uint8 labels, the file holds {labels.dtype} of shape "
+                         f"{labels.shape}")
+    if len(labels) != len(images):
+        raise CaffeError(f"{labels_path}: {len(labels)} labels for the {len(images)} digits of {images_path.name}")
+    if len(labels) and labels.max() > 9:
+        raise CaffeError(f"{labels_path}: label {int(labels.max())} at index {int(labels.argmax())} is not a digit "
+                         "(0..9)")
 
 
 def download(url: str, cache: Path, progress: bool = True) -> None:

@@ -8,9 +8,32 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from converter.errors import CaffeError
+
+
+class UsageError(Exception):
+    """A command line argparse refuses; :func:`main` prints it as the one error line (no usage block)."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line ``<prog>: error: <message>`` and exit code 2, like every
+    other user mistake, instead of a usage block followed by the message."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        raise UsageError(self.prog, message)
+
+
+def _python_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-python-layers", action="store_true",
+                   help="accept nets with type: \"Python\" layers (they run arbitrary code; even then they are "
+                   "refused, as there is no Python layer runtime here, but with that reason)")
 
 
 def _shape(text: str) -> tuple[str, tuple[int, ...]]:
@@ -32,7 +55,7 @@ def _named_file(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="egomotion", description=__doc__.splitlines()[0])
+    parser = Parser(prog="egomotion", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True)
 
     p = sub.add_parser("check", help="parse, upgrade, filter and build a net or solver; print its layers")
@@ -42,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", action="append", default=[], help="a NetState stage (repeatable)")
     p.add_argument("--shape", type=_shape, action="append", default=[],
                    help="name=N,C,H,W for a data layer top whose source is absent (repeatable)")
+    _python_flag(p)
 
     p = sub.add_parser("upgrade", help="write a V0/V1 net (or old solver) as upgraded V2 text")
     p.add_argument("input")
@@ -56,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backward", action="store_true")
     p.add_argument("--top-diff", type=_named_file, action="append", default=[], help="blob=file.npy")
     p.add_argument("--dump", required=True, help="folder for <blob>.npy, diffs/, param_diffs/")
+    _python_flag(p)
 
     p = sub.add_parser("export", help="a net and its weights as ONNX (TEST phase, no data/loss layers)")
     p.add_argument("--model", required=True, help="deploy or train_val .prototxt")
@@ -67,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", action="append", default=[], help="a NetState stage (repeatable)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime parity check")
     p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    _python_flag(p)
     from runner.probe_cli import add_probe_parser
 
     add_probe_parser(sub)
@@ -90,8 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log", default=None, help="log file (default: train.log beside the snapshots)")
     p.add_argument("--csv", default=None, help="CSV file (default: train.csv beside the snapshots)")
     p.add_argument("--workers", type=int, default=0, help="data reading processes (0: in the main process)")
+    _python_flag(p)
 
     p = sub.add_parser("test", help="score a model on its TEST data as `caffe test` does")
+    _python_flag(p)
     p.add_argument("--model", required=True)
     p.add_argument("--weights", required=True, help=".caffemodel(s), comma-separated")
     p.add_argument("--iterations", type=int, default=50)
@@ -101,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", default=None, help="comma-separated NetState stages")
 
     p = sub.add_parser("time", help="average forward/backward time per layer as `caffe time` does")
+    _python_flag(p)
     p.add_argument("--model", required=True)
     p.add_argument("--weights", default=None)
     p.add_argument("--iterations", type=int, default=50)
@@ -117,9 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # OpenCV writes its warnings (unreadable file, incomplete PNG) straight to stderr; the failures they
+    # announce are reported as one CaffeError line instead. Read when OpenCV loads, so set before any import.
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        print(f"{e.prog}: error: {e} (see {e.prog} --help)", file=sys.stderr)
+        return 2
     args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    from converter.layers.base import allow_python_layers
+
+    allow_python_layers(getattr(args, "allow_python_layers", False))
     try:
         if args.verb == "check":
             from runner.check import check
@@ -172,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"egomotion {args.verb}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        allow_python_layers(False)
     return 0
 
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from converter import caffe_pb2
-from converter.errors import CaffeError, layer_error
+from converter.errors import CaffeError, layer_error, prefixed
 from converter.fillers import fill
 from converter.layers import layer_class
 from data_prep.datum import datum_shape, datum_to_array, decode_mode, image_to_chw, parse_datum
@@ -95,15 +95,16 @@ def data_layer_shapes(lp: caffe_pb2.LayerParameter, phase: int) -> dict[str, Sha
         return {}
     if lp.type == "Data":
         dp = lp.data_param
-        if dp.backend != caffe_pb2.DataParameter.LMDB or not (Path(dp.source) / "data.mdb").exists():
-            return {}
+        if dp.backend != caffe_pb2.DataParameter.LMDB or not Path(dp.source).exists():
+            return {}  # absent: the caller asks for the shapes; present but not an LMDB: refused below
         transformer = Transformer(lp.transform_param, phase, _what(lp))
         reader = acquire_reader(dp.source, _what(lp))
         try:
             key, value = reader.first()
         finally:
             release_reader(reader)
-        chw = datum_shape(parse_datum(value, key), transformer.force_color, transformer.force_gray, key)
+        with prefixed(f"{_what(lp)}: LMDB '{dp.source}'"):
+            chw = datum_shape(parse_datum(value, key), transformer.force_color, transformer.force_gray, key)
         return _tops(lp, _batch_size(lp, dp.batch_size), transformer.output_shape(chw))
     if lp.type == "ImageData":
         p = lp.image_data_param
@@ -181,8 +182,9 @@ class _LMDBSource(_StridedSource):
             self.keys = reader.keys()
         finally:
             release_reader(reader)
-        first = parse_datum(value, key)
-        chw = datum_shape(first, self.transformer.force_color, self.transformer.force_gray, key)
+        with prefixed(f"{what}: LMDB '{dp.source}'"):
+            first = parse_datum(value, key)
+            chw = datum_shape(first, self.transformer.force_color, self.transformer.force_gray, key)
         self.shapes = _tops(lp, self.batch, self.transformer.output_shape(chw))
         if (self.transformer.force_color or self.transformer.force_gray) and not first.encoded:
             log.warning("%s: force_color and force_gray only for encoded datum (ignored, as in Caffe)", what)
@@ -209,11 +211,12 @@ class _LMDBSource(_StridedSource):
         n = len(self.keys)
         items, labels = [], np.empty(self.batch, dtype=np.float32)
         tf = self.transformer
-        for j, i in enumerate(self.offsets(b) % n):
-            key = self.keys[int(i)]
-            datum = parse_datum(reader.get(key), key)
-            items.append(datum_to_array(datum, tf.force_color, tf.force_gray, key))
-            labels[j] = datum.label
+        with prefixed(f"{self.what}: LMDB '{self.path}'"):  # one context per batch: 18 % of the data time
+            for j, i in enumerate(self.offsets(b) % n):
+                key = self.keys[int(i)]
+                datum = parse_datum(reader.get(key), key)
+                items.append(datum_to_array(datum, tf.force_color, tf.force_gray, key))
+                labels[j] = datum.label
         data = alloc(tf.batch_shape(items))
         tf(items, rng, out=data.numpy())
         out = {self.tops[0]: data}
@@ -244,7 +247,8 @@ class _ImageListSource(_StridedSource):
             rel = "" if Path(p.source).is_absolute() else f" (relative to the working directory {os.getcwd()})"
             raise CaffeError(f"{what}: image list '{p.source}' does not exist{rel}")
         self.what, self.listfile = what, p.source
-        self.lines = [(e.path, e.label, e.line) for e in read_list(p.source) if e is not None]
+        with prefixed(what):
+            self.lines = [(e.path, e.label, e.line) for e in read_list(p.source, p.root_folder) if e is not None]
         self.root, self.height, self.width, self.is_color = p.root_folder, p.new_height, p.new_width, p.is_color
         self.shuffle, self.seed, self.index, self.phase = p.shuffle, seed, index, phase
         self.transformer = Transformer(lp.transform_param, phase, what)
@@ -269,9 +273,7 @@ class _ImageListSource(_StridedSource):
 
     def image(self, i: int) -> np.ndarray:
         path, _, n = self.lines[i]
-        img = read_image(self.root + path, self.height, self.width, self.is_color)
-        if img is None:
-            raise CaffeError(f"{self.what}: could not load '{self.root + path}' ({self.listfile}:{n})")
+        img = read_image(self.root + path, self.height, self.width, self.is_color, f"{self.what}: {self.listfile}:{n}")
         return image_to_chw(img, path)
 
     def load(self, b, rng, alloc):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from converter.errors import CaffeError
+from converter.errors import CaffeError, prefixed
 from data_prep.datum import datum_to_array, encoding_of, parse_datum
 from data_prep.imageset import compute_image_mean, convert_imageset
 from data_prep.lmdb_io import LMDBReader, looks_like_leveldb
@@ -85,9 +85,12 @@ def _check_backend(args: argparse.Namespace) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> None:
+    for flag in ("keys", "limit", "decode"):
+        if getattr(args, flag) < 0:
+            raise CaffeError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     if looks_like_leveldb(args.db):
         raise CaffeError(f"'{args.db}' is a LevelDB; only LMDB is supported")
-    with LMDBReader(args.db) as reader:
+    with LMDBReader(args.db) as reader, prefixed(f"LMDB '{args.db}'"):
         total = len(reader)
         print(f"{args.db}: {total} records")
         formats: Counter = Counter()
@@ -142,6 +145,11 @@ def run_data(args: argparse.Namespace) -> int:
     if hasattr(args, "handler"):  # subcommands defined in their own modules (mnist-pairs, …)
         return args.handler(args)
     if args.data_verb == "convert-imageset":
+        for flag in ("resize_height", "resize_width"):
+            if getattr(args, flag) < 0:
+                raise CaffeError(f"--{flag} must be >= 0 (0: keep the image's size), got {getattr(args, flag)}")
+        if args.threads is not None and args.threads < 1:
+            raise CaffeError(f"--threads must be >= 1, got {args.threads}")
         counts = convert_imageset(
             args.root, args.listfile, args.db, gray=args.gray, shuffle=args.shuffle,
             resize_height=args.resize_height, resize_width=args.resize_width, check_size=args.check_size,

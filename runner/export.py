@@ -509,7 +509,18 @@ def parse_input_shapes(texts: list[str]) -> tuple[dict[str, Shape], Shape | None
     return named, anonymous
 
 
+def check_opset(opset: int) -> None:
+    """Refuse an opset the (TorchScript) exporter cannot write before tracing (it dumps its IR graph to stderr)."""
+    from torch.onnx import _constants
+
+    low = getattr(_constants, "ONNX_MIN_OPSET", 7)
+    high = getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", getattr(_constants, "ONNX_MAX_OPSET", 20))
+    if not low <= opset <= high:
+        raise CaffeError(f"--opset {opset}: the exporter writes opsets {low} to {high}")
+
+
 def export(args: argparse.Namespace) -> int:
+    check_opset(args.opset)
     outputs = [o for o in (args.outputs or "").split(",") if o] or None
     named, anonymous = parse_input_shapes(args.input_shape)
     weights = [w for w in (args.weights or "").split(",") if w]

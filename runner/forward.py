@@ -25,10 +25,24 @@ def file_name(name: str) -> str:
 
 
 def _load_array(name: str, path: str) -> torch.Tensor:
+    """A numeric .npy file; never unpickles (``allow_pickle=False``): object arrays are refused."""
+    what = f"{path}: cannot read array for blob '{name}'"
     try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise CaffeError(f"{path}: cannot read array for blob '{name}' ({e})") from None
+        with open(path, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":
+                raise CaffeError(f"{what} (not a .npy file)")
+            f.seek(0)
+            array = np.load(f, allow_pickle=False)
+    except FileNotFoundError:
+        raise CaffeError(f"{what} (no such file)") from None
+    except ValueError as e:
+        why = "it holds Python objects, which are never unpickled; save a numeric array" if "pickle" in str(e) \
+            else str(e)
+        raise CaffeError(f"{what} ({why})") from None
+    except OSError as e:
+        raise CaffeError(f"{what} ({e.strerror or e})") from None
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+        raise CaffeError(f"{what} (dtype {array.dtype} is not numeric)")
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 
@@ -83,6 +97,10 @@ def forward(args: argparse.Namespace) -> int:
     inputs = {name: _load_array(name, path) for name, path in args.input}
     shapes = {name: tuple(t.shape) for name, t in inputs.items()}
     net = CaffeNet(proto, shapes)
+    unknown = [name for name in inputs if name not in net.input_shapes()]
+    if unknown:
+        raise CaffeError(f"--input {unknown[0]}: the net has no data blob of that name (data blobs: "
+                         f"{', '.join(net.input_shapes()) or 'none'})")
     missing = [t for t in net.input_shapes() if t not in inputs]
     if missing:
         raise CaffeError(f"{args.model}: no --input given for data blob(s) {', '.join(missing)}")

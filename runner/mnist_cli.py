@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from converter.errors import CaffeError
 from data_prep.mnist import labelled_subset, load_mnist, write_digit_lmdb, write_pair_lmdbs
 
 
@@ -44,6 +45,9 @@ def _mode(args: argparse.Namespace) -> str:
 
 
 def _load(args: argparse.Namespace):
+    if args.count < 0 or (args.count == 0 and args.data_verb == "mnist-pairs"):
+        raise CaffeError(f"--count must be {'positive' if args.data_verb == 'mnist-pairs' else '>= 0'}, got "
+                         f"{args.count}")
     mnist = load_mnist(args.mnist_dir, url=args.mnist_url, allow_download=not args.no_download)
     print(f"MNIST from {mnist.origin}: {len(mnist.train_labels)} train / {len(mnist.test_labels)} test digits")
     return mnist

@@ -15,7 +15,6 @@ import time
 
 import torch
 
-from converter import caffe_pb2
 from converter.errors import CaffeError
 from converter.io import filter_net, net_state, read_net
 from converter.net import CaffeNet
@@ -106,8 +105,9 @@ def time_net(model: str, iterations: int = 50, gpu: str | None = None, phase: st
     try:
         if iterations <= 0:
             raise CaffeError(f"--iterations must be > 0, got {iterations}")
-        phase_id = caffe_pb2.Phase.Value(phase.upper())
-        proto = filter_net(read_net(model), net_state(phase, level, stages or []), model)
+        state = net_state(phase, level, stages or [])
+        phase_id = state.phase
+        proto = filter_net(read_net(model), state, model)
         net = CaffeNet(proto, input_shapes(proto, phase_id))
         for w in weights or []:
             load_weights(net, w)

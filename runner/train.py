@@ -98,8 +98,11 @@ class Log:
         sys.stderr.write(text)
         sys.stderr.flush()
         if self.file:
-            self.file.write(text)
-            self.file.flush()
+            try:
+                self.file.write(text)
+                self.file.flush()
+            except OSError as e:  # disk full: one error line, and stop writing the file
+                raise _write_error(self, "the log", e) from None
 
     def progress(self, text: str) -> None:
         if self.tty and self.held is None:
@@ -112,8 +115,20 @@ class Log:
             sys.stderr.write("\n")
             self._progress_shown = False
         if self.file:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError as e:
+                raise _write_error(self, "the log", e) from None
             self.file = None
+
+
+def _write_error(owner: Log | Csv, what: str, e: OSError) -> CaffeError:
+    """A failed write of the log or the CSV (e.g. a full disk) as one error line; the file is dropped
+    (closed without raising again) so that closing the trainer does not fail a second time."""
+    file, owner.file = owner.file, None
+    with contextlib.suppress(OSError):
+        file.close()
+    return CaffeError(f"{getattr(owner, 'path', None) or file.name}: cannot write {what} ({e.strerror})")
 
 
 class LogBridge(logging.Handler):
@@ -161,19 +176,25 @@ class Csv:
             except OSError as e:
                 raise CaffeError(f"{path}: cannot write the CSV ({e.strerror})") from None
             if fresh:
-                self.file.write("iter,seconds,phase,name,value\n")
+                self._do(self.file.write, "iter,seconds,phase,name,value\n")
+
+    def _do(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except OSError as e:
+            raise _write_error(self, "the CSV", e) from None
 
     def row(self, it: int, phase: str, name: str, value: float) -> None:
         if self.file:
-            self.file.write(f"{it},{time.time() - self.start:.3f},{phase},{name},{np.float32(value)}\n")
+            self._do(self.file.write, f"{it},{time.time() - self.start:.3f},{phase},{name},{np.float32(value)}\n")
 
     def flush(self) -> None:
         if self.file:
-            self.file.flush()
+            self._do(self.file.flush)
 
     def close(self) -> None:
         if self.file:
-            self.file.close()
+            self._do(self.file.close)
             self.file = None
 
 
@@ -664,8 +685,14 @@ class Trainer:
         if self.signals:
             self.signals.restore()
         self.bridge.detach()
-        self.csv.close()
-        self.log.close()
+        errors = []
+        for closer in (self.csv.close, self.log.close):
+            try:
+                closer()
+            except CaffeError as e:
+                errors.append(e)
+        if errors and sys.exc_info()[0] is None:  # while another error propagates, that one is the message
+            raise errors[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -690,6 +717,8 @@ def train(args: argparse.Namespace) -> int:
     """The ``egomotion train`` verb."""
     if args.snapshot and args.weights:
         raise CaffeError("give --snapshot or --weights, not both (Caffe refuses them together)")
+    if args.workers < 0:
+        raise CaffeError(f"--workers must be >= 0 (0: read data in the main process), got {args.workers}")
     opts = TrainOptions(weights=[args.weights] if args.weights else [], snapshot=args.snapshot, gpu=args.gpu,
                         iterations=args.iterations, sigint_effect=args.sigint_effect,
                         sighup_effect=args.sighup_effect, level=args.level,

@@ -45,12 +45,35 @@ def supported_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
+_PYTHON_LAYERS_ALLOWED = False
+
+
+def allow_python_layers(allowed: bool) -> None:
+    """``--allow-python-layers``: the user vouches for the net's ``type: "Python"`` layers.
+
+    Without it a Python layer is refused as a security risk (``python_param`` names any module and class,
+    e.g. ``module: "os"``, and Caffe imports and runs it). With it the layer is still refused, for the
+    honest reason: this implementation has no Python layer runtime (Caffe's ``PythonLayer`` drives a
+    user class through pycaffe's Blob API, which does not exist here); reimplement it as a registered layer.
+    """
+    global _PYTHON_LAYERS_ALLOWED
+    _PYTHON_LAYERS_ALLOWED = bool(allowed)
+
+
+def _python_layer_error(lp: caffe_pb2.LayerParameter) -> CaffeError:
+    if not _PYTHON_LAYERS_ALLOWED:
+        return layer_error(lp.name, lp.type, "Python layers run arbitrary code and are refused (pass "
+                           "--allow-python-layers only for files you trust)")
+    p = lp.python_param
+    return layer_error(lp.name, lp.type, f"Python layers are not supported by this implementation (no Python "
+                       f"layer runtime; module '{p.module}', layer '{p.layer}'): write it as a registered "
+                       "layer in converter/layers/")
+
+
 def layer_class(lp: caffe_pb2.LayerParameter) -> type[Layer]:
     """The class registered for ``lp.type``, or a CaffeError naming the layer and the supported types."""
     if lp.type == "Python":
-        raise layer_error(
-            lp.name, lp.type, "Python layers run arbitrary code and are refused (pass --allow-python-layers "
-            "only for files you trust)")
+        raise _python_layer_error(lp)
     cls = _REGISTRY.get(lp.type)
     if cls is None:
         raise layer_error(lp.name, lp.type or "<no type>",
@@ -133,7 +156,7 @@ class Layer(nn.Module):
         for what, have, (lo, hi) in (("bottom", len(lp.bottom), self.num_bottoms),
                                      ("top", len(lp.top), self.num_tops)):
             if have < lo or (hi is not None and have > hi):
-                want = f"{lo}" if lo == hi else f"{lo}..{'' if hi is None else hi}"
+                want = f"{lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo}..{hi}"
                 raise layer_error(lp.name, lp.type, f"takes {want} {what} blob(s), got {have}")
 
     # -- the contract ---------------------------------------------------------------------------
