@@ -19,7 +19,7 @@ from converter.io import filter_net, net_state, read_net
 from converter.net import CaffeNet
 from converter.weights import load_weights
 from runner.solver import fmt
-from runner.train import Log, LogBridge, input_shapes, output_order, pick_device
+from runner.train import Log, comma_list, glog_session, input_shapes, output_order, pick_device
 
 f32 = np.float32
 
@@ -30,10 +30,7 @@ def score(model: str, weights: list[str], iterations: int, gpu: str | None = Non
     outputs with several elements), and the mean net loss under the key ``""``."""
     from runner.data import NetFeeder
 
-    own_log = log is None
-    log = log or Log(None, append=False)
-    bridge = LogBridge(log)
-    try:
+    with glog_session(log) as log:
         if iterations <= 0:
             raise CaffeError(f"--iterations must be > 0, got {iterations}")
         if not weights:
@@ -79,16 +76,12 @@ def score(model: str, weights: list[str], iterations: int, gpu: str | None = Non
             log.line("caffe.cpp:330", f"{key} = {fmt(mean)}{extra}")
             results[key] = mean
         return results
-    finally:
-        bridge.detach()
-        if own_log:
-            log.close()
 
 
 def test(args: argparse.Namespace) -> int:
-    weights = [w for w in (args.weights or "").split(",") if w]
+    weights = comma_list(args.weights)
     results = score(args.model, weights, args.iterations, args.gpu, args.phase, args.level,
-                    [s for s in (args.stage or "").split(",") if s])
+                    comma_list(args.stage))
     print(f"loss = {fmt(results.pop(''))}")
     for name, value in results.items():
         print(f"{name} = {fmt(value)}")

@@ -20,7 +20,7 @@ from converter.io import filter_net, net_state, read_net
 from converter.net import CaffeNet
 from converter.weights import load_weights
 from runner.solver import fmt
-from runner.train import Log, LogBridge, input_shapes, pick_device
+from runner.train import Log, comma_list, glog_session, input_shapes, pick_device
 
 
 class _Clock:
@@ -99,10 +99,7 @@ def time_net(model: str, iterations: int = 50, gpu: str | None = None, phase: st
     """Run the benchmark; returns milliseconds: per layer (forward, backward), and the averages."""
     from runner.data import NetFeeder
 
-    own_log = log is None
-    log = log or Log(None, append=False)
-    bridge = LogBridge(log)
-    try:
+    with glog_session(log) as log:
         if iterations <= 0:
             raise CaffeError(f"--iterations must be > 0, got {iterations}")
         state = net_state(phase, level, stages or [])
@@ -164,16 +161,12 @@ def time_net(model: str, iterations: int = 50, gpu: str | None = None, phase: st
                                       f"{fmt(graph_ms)} ms.")
             log.line("caffe.cpp:407", "*** Benchmark ends ***")
         return result
-    finally:
-        bridge.detach()
-        if own_log:
-            log.close()
 
 
 def time_command(args: argparse.Namespace) -> int:
     result = time_net(args.model, args.iterations, args.gpu, args.phase, args.level,
-                      [s for s in (args.stage or "").split(",") if s],
-                      [w for w in (args.weights or "").split(",") if w])
+                      comma_list(args.stage),
+                      comma_list(args.weights))
     print(f"forward {result['forward_ms']:.3f} ms, backward {result['backward_ms']:.3f} ms, "
           f"forward-backward {result['forward_backward_ms']:.3f} ms per iteration "
           f"({result['graph_forward_backward_ms']:.3f} ms as one autograd graph)")

@@ -159,6 +159,26 @@ class LogBridge(logging.Handler):
         self.saved = []
 
 
+@contextlib.contextmanager
+def glog_session(log: Log | None = None):
+    """A Log (console only unless one is given) with the data and weight loggers bridged into it, for the
+    verbs that run nets outside training (test, time); detached (and closed if ours) afterwards."""
+    own = log is None
+    log = log or Log(None, append=False)
+    bridge = LogBridge(log)
+    try:
+        yield log
+    finally:
+        bridge.detach()
+        if own:
+            log.close()
+
+
+def comma_list(text: str | None) -> list[str]:
+    """``a,b`` flags (--weights, --stage) as a list, empty entries dropped."""
+    return [item for item in (text or "").split(",") if item]
+
+
 class Csv:
     """One row per number the log prints: ``iter,seconds,phase,name,value``.
 

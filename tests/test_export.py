@@ -39,14 +39,7 @@ from tests.golden import FWD_ATOL, FWD_RTOL, GOLDEN, REFERENCE, load, require_go
 CONFORMANCE = REFERENCE / "conformance"
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These nets are small: one intra-op thread is as fast on an idle machine and many times faster on a
-    busy one, where every op of a multi-threaded torch waits at barriers for descheduled threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TIMING = REFERENCE / "timing"
 LENET = REFERENCE.parent / "data" / "caffe_models" / "lenet_mnist"
 MNIST = REFERENCE.parent / "data" / "mnist"

@@ -38,14 +38,7 @@ BLOBS = ["norm1", "norm2", "conv3", "conv4", "conv5"]
 MEAN = [104.0, 117.0, 123.0]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These nets are small: one intra-op thread is as fast on an idle machine and many times faster on a
-    busy one, where every op of a multi-threaded torch waits at barriers for descheduled threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def need(*paths: Path) -> None:
