@@ -46,14 +46,20 @@ proto: $(STAMP)
 	$(PROTOC) -I converter --python_out=converter converter/caffe.proto
 	sed -i 's/^import caffe_pb2/from converter import caffe_pb2/' converter/caffe_pb2.py
 
-# All measurements, each writing benchmarks/results/<name>.{md,json}: converted CaffeNet vs hand-written
-# PyTorch on the timing nets and AlexNet build time; the MNIST pair generator and egomotion training speed;
-# the KITTI pair generator; ONNX Runtime feature extraction. BENCH_FLAGS=--quick: fewer KITTI-net iterations.
+# All measurements, each writing benchmarks/results/<name>.{md,json} and printing one JSON line: the GEMM
+# peak of the machine; converted CaffeNet vs hand-written PyTorch on the timing nets and AlexNet build time;
+# the MNIST pair generator and egomotion training speed, and the profile of one iteration; the KITTI pair
+# generator; ONNX Runtime feature extraction; 10,000 fuzz cases per reader. Last, benchmarks/report.py
+# collects them into BENCHMARKS.md. BENCH_FLAGS=--quick: fewer KITTI-net iterations.
 bench: $(STAMP)
+	$(PY) benchmarks/gemm_peak.py
 	$(PY) benchmarks/bench_converter.py $(BENCH_FLAGS)
 	$(PY) benchmarks/bench_mnist.py
+	$(PY) benchmarks/profile_mnist.py
 	$(PY) benchmarks/bench_kitti.py
 	$(PY) benchmarks/bench_probe.py
+	-$(PY) benchmarks/fuzz.py  # failures are listed in the report; it is written anyway
+	$(PY) benchmarks/report.py
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache .ruff_cache

@@ -24,7 +24,7 @@ from data_prep.datum import datum_to_array, decode_image, encoded_image_size
 from data_prep.idx import read_idx
 from tests import fuzzing
 
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
 pytestmark = [pytest.mark.filterwarnings("ignore:Generating overly large repr"),
               pytest.mark.filterwarnings("ignore:invalid octal escape sequence:DeprecationWarning")]
 
@@ -57,7 +57,7 @@ def test_fuzz_prototxt_reader():
 def test_fuzz_caffemodel_reader():
     if not fuzzing.caffemodel_cases():
         pytest.skip("golden caffemodels are absent")
-    _fuzz("caffemodel", EXAMPLES // 2)
+    _fuzz("caffemodel")
 
 
 def test_fuzz_datum_decoder():

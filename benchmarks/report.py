@@ -1,0 +1,125 @@
+"""Collect ``benchmarks/results/*.json`` into ``BENCHMARKS.md`` at the repository root (``make bench``'s last step).
+
+Every benchmark writes its figures through ``benchmarks/common.py``: a median of several runs with min and
+max, and its references with the ratio median / reference. This renders one table per benchmark, in a
+fixed order, under the machine and date; the notes on measured optimisations (``benchmarks/optimizations.md``,
+before/after figures of each change that was kept or dropped) follow.
+
+    .venv/bin/python benchmarks/report.py [--out BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, ROOT, machine  # noqa: E402
+
+ORDER = ["gemm_peak", "converter", "mnist", "profile", "kitti", "probe", "fuzz"]
+TITLES = {"gemm_peak": "GEMM peak (the reference for the hardware's speed)",
+          "converter": "Converted nets vs hand-written PyTorch (forward + backward)",
+          "mnist": "MNIST experiment: pair generator and egomotion pre-training",
+          "profile": "Profile of one MNIST egomotion iteration",
+          "kitti": "KITTI pair generator (and training, with --train)",
+          "probe": "Probe pipeline: ONNX Runtime vs the PyTorch module",
+          "fuzz": "Fuzzing the readers (hypothesis)"}
+KIND = {"measured": "same run", "caffe": "Caffe, caffe-times.md", "goal": "goal"}
+SCRIPTS = {"converter": "bench_converter.py", "mnist": "bench_mnist.py", "kitti": "bench_kitti.py",
+           "probe": "bench_probe.py", "profile": "profile_mnist.py"}
+NOTES = Path(__file__).resolve().parent / "optimizations.md"
+
+
+def number(x: float) -> str:
+    if x == int(x) and abs(x) >= 1:
+        return f"{int(x):,}"
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    return f"{x:.3g}"
+
+
+def references(f: dict) -> str:
+    refs = f.get("references", [])
+    if not refs:
+        return "–"
+    return "; ".join(f"{r['ratio']:.3g}x {r['name']} ({number(r['value'])} {f['unit']}, "
+                     f"{KIND.get(r['kind'], r['kind'])})" for r in refs)
+
+
+def section(name: str, record: dict) -> list[str]:
+    m = record.get("machine", {})
+    lines = [f"## {TITLES.get(name, name)}", "",
+             f"`benchmarks/{SCRIPTS.get(name, name + '.py')}`"
+             f"{' ' + ' '.join(record['argv']) if record.get('argv') else ''}: {m.get('date', '?')}, load average "
+             f"at the start {m.get('loadavg', '?')}, {m.get('threads', '?')} torch threads.", "",
+             "| figure | median | min | max | runs | unit | ratio to references |", "|---|---|---|---|---|---|---|"]
+    for f in record["figures"]:
+        lines.append(f"| {f['name']} | {number(f['median'])} | {number(f['min'])} | {number(f['max'])} | {f['runs']} "
+                     f"| {f['unit']} | {references(f)} |")
+    notes = [f"- {f['name']}: {f['note']}" for f in record["figures"] if f.get("note")]
+    if notes:
+        lines += [""] + notes
+    if name == "profile" and record.get("top_ops"):
+        lines += ["", "Top operators by self CPU time (10 iterations):", "", "| operator | ms/iter | calls/iter |",
+                  "|---|---|---|"]
+        lines += [f"| `{k}` | {ms:.2f} | {n} |" for k, ms, n in record["top_ops"]]
+    if name == "fuzz":
+        for t in record.get("targets", []):
+            for ex in t.get("failure_examples", []):
+                lines.append(f"- failure in {t['target']}: {ex.get('error')} at {ex.get('where', '?')}")
+    return lines + [""]
+
+
+def report(results: Path = RESULTS) -> str:
+    records = {}
+    for path in sorted(results.glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(record, dict) and "figures" in record:
+            records[path.stem] = record
+    m = machine()
+    gpu = m.get("gpu")
+    names = [n for n in ORDER if n in records] + sorted(n for n in records if n not in ORDER)
+    lines = ["# Benchmarks", "",
+             f"Written by `benchmarks/report.py` (the last step of `make bench`) on {time.strftime('%Y-%m-%d %H:%M')}"
+             f" from `benchmarks/results/*.json`.", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}, Python {m['python']}, "
+             f"torch {m.get('torch', '?')}.",
+             f"GPU: {gpu}." if gpu else "GPU: none on this machine — every figure below is a CPU figure; on a machine "
+             "with a GPU, `make bench` adds GPU GEMM figures and `bench_converter.py --device cuda` times the nets "
+             "there.", "",
+             "Each figure is the median of its runs (min and max beside it); the ratios divide that median by each "
+             "reference: measured in the same run (the hand-written PyTorch module of the same net, the time the "
+             "net's FLOPs take at the machine's GEMM peak), BVLC Caffe's figures for this machine "
+             "(`shared/reference/caffe-times.md`), or a goal. Timings are wall clock on a machine that may be "
+             "shared: the min is the least disturbed run, and the load average at each benchmark's start is given.",
+             ""]
+    if not names:
+        lines += ["No results yet: run `make bench`.", ""]
+    for name in names:
+        lines += section(name, records[name])
+    if NOTES.exists():
+        lines += [NOTES.read_text().strip(), ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = parser.parse_args()
+    text = report()
+    args.out.write_text(text)
+    print(json.dumps({"benchmark": "report", "wrote": str(args.out), "sections": text.count("\n## ")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
