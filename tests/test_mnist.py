@@ -76,6 +76,7 @@ def test_download_from_a_local_server_is_verified_and_cached(tmp_path, mnist_ser
 
 
 def test_download_with_a_wrong_md5_is_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv("MNIST_DIR", raising=False)  # `make test` exports it
     served = tmp_path / "served"
     served.mkdir()
     for name in MNIST_FILES:
