@@ -77,7 +77,7 @@ def check_one(label: str, proto: caffe_pb2.NetParameter, shapes: dict) -> None:
 
 
 def check(args: argparse.Namespace) -> int:
-    from runner.data_shapes import peek_data_shapes
+    from runner.data import peek_data_shapes
 
     given = dict(args.shape)
     loaded = load_net_or_solver(args.file)

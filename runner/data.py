@@ -81,7 +81,7 @@ def _tops(lp: caffe_pb2.LayerParameter, batch: int, item: Shape) -> dict[str, Sh
 
 
 # ---------------------------------------------------------------------------------------------
-# Shapes without building a feeder (used by converter.net through runner.data_shapes)
+# Shapes without building a feeder (for check, export and the trainer's nets)
 # ---------------------------------------------------------------------------------------------
 def data_layer_shapes(lp: caffe_pb2.LayerParameter, phase: int) -> dict[str, Shape]:
     """Top shapes of one data layer read from its source.
@@ -448,3 +448,11 @@ class NetFeeder:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+def peek_data_shapes(net: caffe_pb2.NetParameter) -> dict[str, Shape]:
+    """Shapes of every data top whose source can be read; the others are left to the caller."""
+    shapes: dict[str, Shape] = {}
+    for lp in net.layer:
+        shapes.update(data_layer_shapes(lp, net.state.phase))
+    return shapes

@@ -201,7 +201,7 @@ def build_deploy(model: str | Path, weights: list[str | Path] | None = None, out
 def _peek_shapes(proto: caffe_pb2.NetParameter) -> dict[str, Shape]:
     """Data-layer shapes read from their sources when the runner can (LMDB first Datum, …)."""
     try:
-        from runner.data_shapes import peek_data_shapes
+        from runner.data import peek_data_shapes
 
         return peek_data_shapes(proto)
     except (ImportError, CaffeError, OSError):
