@@ -55,7 +55,8 @@ def _named_file(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="egomotion", description=__doc__.splitlines()[0])
+    parser = Parser(prog="egomotion", description="Caffe prototxt nets, solvers and LMDBs trained and run with "
+                    "Caffe's exact numerics on PyTorch; verbs and flags spelled like Caffe's tools.")
     sub = parser.add_subparsers(dest="verb", required=True)
 
     p = sub.add_parser("check", help="parse, upgrade, filter and build a net or solver; print its layers")
