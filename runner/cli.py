@@ -7,6 +7,7 @@ Every verb lives in its own module; this file only parses arguments and turns a 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -52,6 +53,21 @@ def _named_file(text: str) -> tuple[str, str]:
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"expected name=file.npy, got '{text}'")
     return name, path
+
+
+# verb -> (module, function): each verb's code is imported only when that verb runs
+VERBS = {
+    "check": ("runner.check", "check"),
+    "upgrade": ("runner.check", "upgrade"),
+    "forward": ("runner.forward", "forward"),
+    "data": ("runner.data_cli", "run_data"),
+    "export": ("runner.export", "export"),
+    "probe": ("runner.probe", "probe"),
+    "train": ("runner.train", "train"),
+    "test": ("runner.test_cmd", "test"),
+    "time": ("runner.time_cmd", "time_command"),
+    "plot": ("runner.plot", "plot"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,48 +177,10 @@ def main(argv: list[str] | None = None) -> int:
 
     allow_python_layers(getattr(args, "allow_python_layers", False))
     try:
-        if args.verb == "check":
-            from runner.check import check
-
-            return check(args)
-        if args.verb == "upgrade":
-            from runner.check import upgrade
-
-            return upgrade(args)
-        if args.verb == "forward":
-            from runner.forward import forward
-
-            return forward(args)
         if getattr(args, "handler", None):  # subcommands that carry their own handler (data kitti-pairs, ...)
             return args.handler(args)
-        if args.verb == "data":
-            from runner.data_cli import run_data
-
-            return run_data(args)
-        if args.verb == "export":
-            from runner.export import export
-
-            return export(args)
-        if args.verb == "probe":
-            from runner.probe import probe
-
-            return probe(args)
-        if args.verb == "train":
-            from runner.train import train
-
-            return train(args)
-        if args.verb == "test":
-            from runner.test_cmd import test
-
-            return test(args)
-        if args.verb == "time":
-            from runner.time_cmd import time_command
-
-            return time_command(args)
-        if args.verb == "plot":
-            from runner.plot import plot
-
-            return plot(args)
+        module, function = VERBS[args.verb]
+        return getattr(importlib.import_module(module), function)(args)
     except CaffeError as e:
         print(f"egomotion {args.verb}: error: {e}", file=sys.stderr)
         return 2
@@ -214,7 +192,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         allow_python_layers(False)
-    return 0
 
 
 if __name__ == "__main__":

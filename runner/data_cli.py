@@ -142,8 +142,6 @@ def _histogram(title: str, hist: Counter, most: int = 30) -> str:
 def run_data(args: argparse.Namespace) -> int:
     """Run one ``egomotion data`` subcommand; user mistakes raise CaffeError (the CLI prints one line)."""
     _check_backend(args)
-    if hasattr(args, "handler"):  # subcommands defined in their own modules (mnist-pairs, …)
-        return args.handler(args)
     if args.data_verb == "convert-imageset":
         for flag in ("resize_height", "resize_width"):
             if getattr(args, flag) < 0:

@@ -266,13 +266,18 @@ def _nesterov(sp, g, h, h2, local_rate, it):
     torch._foreach_copy_(g, old)
 
 
-def _adagrad(sp, g, h, h2, local_rate, it):
-    # history += g²; diff = local_rate · g / (sqrt(history) + delta)
-    torch._foreach_add_(h, torch._foreach_mul(g, g))
+def _divide_by_root(sp, g, h, local_rate):
+    """diff = local_rate · g / (sqrt(history) + delta): the last step of AdaGrad and RMSProp."""
     denom = torch._foreach_sqrt(h)
     torch._foreach_add_(denom, float(f32(sp.delta)))
     torch._foreach_div_(g, denom)
     torch._foreach_mul_(g, local_rate)
+
+
+def _adagrad(sp, g, h, h2, local_rate, it):
+    # history += g²; diff = local_rate · g / (sqrt(history) + delta)
+    torch._foreach_add_(h, torch._foreach_mul(g, g))
+    _divide_by_root(sp, g, h, local_rate)
 
 
 def _rmsprop(sp, g, h, h2, local_rate, it):
@@ -280,10 +285,7 @@ def _rmsprop(sp, g, h, h2, local_rate, it):
     decay = f32(sp.rms_decay)
     torch._foreach_mul_(h, float(decay))
     torch._foreach_add_(h, torch._foreach_mul(g, g), alpha=float(f32(1) - decay))
-    denom = torch._foreach_sqrt(h)
-    torch._foreach_add_(denom, float(f32(sp.delta)))
-    torch._foreach_div_(g, denom)
-    torch._foreach_mul_(g, local_rate)
+    _divide_by_root(sp, g, h, local_rate)
 
 
 def _adadelta(sp, g, h, h2, local_rate, it):

@@ -149,13 +149,14 @@ def write_run(folder: Path, net: caffe_pb2.NetParameter, template: str, base_lr:
     return folder / "solver.prototxt"
 
 
-def train_quietly(solver_path: Path):
-    """``egomotion train`` in this process; its Caffe log goes to the run folder, not the console."""
+def train_quietly(solver_path: Path, weights: Path | None = None):
+    """``egomotion train [--weights W]`` in this process; its Caffe log goes to the run folder, not the console."""
     from runner.train import TrainOptions, run
 
     sp = read_solver(solver_path)
+    opts = TrainOptions(weights=[str(weights)] if weights else [])
     with open(solver_path.parent / "console.txt", "w") as console, contextlib.redirect_stderr(console):
-        trainer = run(sp, str(solver_path), TrainOptions())
+        trainer = run(sp, str(solver_path), opts)
     return trainer
 
 
@@ -234,11 +235,7 @@ def finetune(method: str, pretrained: Path | None, count: int, seed: int, runs: 
     net = fill_net(template, sources, {caffe_pb2.TRAIN: BATCH, caffe_pb2.TEST: BATCH})
     iters = scale.scratch_iters if method == "scratch" else scale.finetune_iters
     solver = write_run(folder, net, template, 0.01, iters, 10, iters, iters, seed=seed)
-    from runner.train import TrainOptions, run
-
-    opts = TrainOptions(weights=[str(pretrained)] if pretrained else [])
-    with open(folder / "console.txt", "w") as console, contextlib.redirect_stderr(console):
-        run(read_solver(solver), str(solver), opts)
+    train_quietly(solver, pretrained)
     full, last = evaluate(folder / "net.prototxt", folder / f"snap_iter_{iters}.caffemodel")
     result = {"method": method, "labels": count, "seed": seed, "accuracy": full, "last_batch_accuracy": last,
               "iterations": iters}
