@@ -17,6 +17,7 @@ from converter.io import (
     upgrade_solver,
     write_message,
 )
+from converter.layers.base import format_shape
 from converter.net import CaffeNet
 from runner.solver_nets import solver_nets
 
@@ -43,10 +44,6 @@ def load_net_or_solver(path: str) -> caffe_pb2.NetParameter | caffe_pb2.SolverPa
     return read_net(path)
 
 
-def _fmt(shape: tuple[int, ...]) -> str:
-    return "x".join(map(str, shape)) if shape else "scalar"
-
-
 def describe(net: CaffeNet, proto: caffe_pb2.NetParameter) -> list[str]:
     lines = []
     built = {lp.name for lp in net.layer_params}
@@ -55,7 +52,7 @@ def describe(net: CaffeNet, proto: caffe_pb2.NetParameter) -> list[str]:
     for lp in proto.layer:
         flow = f"{', '.join(lp.bottom) or '-'} -> {', '.join(lp.top) or '-'}"
         if lp.name in built:
-            shapes = ", ".join(_fmt(net.blob_shapes[t]) for t in lp.top)
+            shapes = ", ".join(format_shape(net.blob_shapes[t]) for t in lp.top)
         else:
             shapes = "(shape unknown)"
         lines.append(f"  {lp.name:<{width}}  {lp.type:<{twidth}}  {flow}  {shapes}")

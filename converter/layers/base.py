@@ -89,6 +89,11 @@ class BlobSpec:
     filler: caffe_pb2.FillerParameter
 
 
+def format_shape(shape: tuple[int, ...] | list[int]) -> str:
+    """``2x3x4``, or ``scalar`` for a 0-axis blob: how every message writes a shape."""
+    return "x".join(map(str, shape)) or "scalar"
+
+
 def count(shape: tuple[int, ...] | list[int], start: int = 0, end: int | None = None) -> int:
     """Caffe's ``Blob::count(start, end)``: the product of ``shape[start:end]`` (1 for an empty range)."""
     return math.prod(shape[start:end])
@@ -126,7 +131,7 @@ class Layer(nn.Module):
     # -- helpers for subclasses ---------------------------------------------------------------
     def error(self, message: str) -> CaffeError:
         """A CaffeError naming this layer (and its bottom shapes, which is what usually went wrong)."""
-        shapes = ", ".join("x".join(map(str, s)) or "scalar" for s in self.bottom_shapes)
+        shapes = ", ".join(format_shape(s) for s in self.bottom_shapes)
         return layer_error(self.name, self.type, f"{message} (bottom shapes: {shapes})")
 
     def check(self, condition: bool, message: str) -> None:

@@ -12,21 +12,16 @@ Shared helpers other families may want: :func:`count` (Caffe's ``Blob::count(sta
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
 import torch
 
 from converter import caffe_pb2
-from converter.layers.base import BlobSpec, Layer, Shape, constant_filler, count, register
+from converter.layers.base import BlobSpec, Layer, Shape, constant_filler, count, format_shape, register
 
 EltwiseOp = caffe_pb2.EltwiseParameter
 ReductionOp = caffe_pb2.ReductionParameter
-
-
-def _fmt(shape: Sequence[int]) -> str:
-    return "x".join(map(str, shape)) or "scalar"
 
 
 def caffe_topk(x: torch.Tensor, dim: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,12 +205,12 @@ class Concat(Layer):
         top = list(first)
         for i, shape in enumerate(self.bottom_shapes[1:], start=1):
             self.check(len(shape) == len(first),
-                       f"all inputs must have the same number of axes: bottom {i} has shape {_fmt(shape)}, "
-                       f"bottom 0 has {_fmt(first)}")
+                       f"all inputs must have the same number of axes: bottom {i} has shape {format_shape(shape)}, "
+                       f"bottom 0 has {format_shape(first)}")
             for j, (a, b) in enumerate(zip(first, shape, strict=True)):
                 self.check(j == self.axis or a == b,
                            f"all inputs must have the same shape except at concat axis {self.axis}: "
-                           f"bottom {i} has shape {_fmt(shape)}, bottom 0 has {_fmt(first)} "
+                           f"bottom {i} has shape {format_shape(shape)}, bottom 0 has {format_shape(first)} "
                            f"(axis {j} differs)")
             top[self.axis] += shape[self.axis]
         self.top_shapes = [tuple(top)]
@@ -337,8 +332,8 @@ class Eltwise(Layer):
         self.stable_prod_grad = p.stable_prod_grad
         first = self.bottom_shapes[0]
         for i, shape in enumerate(self.bottom_shapes[1:], start=1):
-            self.check(shape == first, f"all bottoms must have the same shape: bottom {i} is {_fmt(shape)}, "
-                                       f"bottom 0 is {_fmt(first)}")
+            self.check(shape == first, f"all bottoms must have the same shape: bottom {i} is {format_shape(shape)}, "
+                                       f"bottom 0 is {format_shape(first)}")
         self.top_shapes = [first]
 
     def forward(self, bottoms: list[torch.Tensor], blobs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -424,7 +419,7 @@ class Reshape(Layer):
                        f"dimensions ({explicit})")
             top[start + dims.index(-1)] = total // explicit
         self.check(count(top) == total,
-                   f"output count must match input count: shape {_fmt(top)} has {count(top)}, "
+                   f"output count must match input count: shape {format_shape(top)} has {count(top)}, "
                    f"the bottom {total}")
         self.top_shapes = [tuple(top)]
 
@@ -452,7 +447,7 @@ class Crop(Layer):
         self.check(len(offsets) <= 1 or start + len(offsets) == ndim,
                    f"number of offset values specified ({len(offsets)}) must be equal to the number of "
                    f"dimensions following axis ({ndim - start})")
-        self.check(len(ref) >= ndim, f"the reference bottom needs {ndim} axes, has shape {_fmt(ref)}")
+        self.check(len(ref) >= ndim, f"the reference bottom needs {ndim} axes, has shape {format_shape(ref)}")
         self.offsets = [0] * ndim
         top = list(data)
         for i in range(start, ndim):
