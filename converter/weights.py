@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 
 import numpy as np
@@ -90,13 +89,3 @@ def net_to_proto(net: CaffeNet, with_diff: bool = False) -> caffe_pb2.NetParamet
 
 def save_weights(net: CaffeNet, path: str | os.PathLike, with_diff: bool = False) -> None:
     write_message(path, net_to_proto(net, with_diff), binary=True)
-
-
-def state_dict_by_layer(net: CaffeNet) -> dict[str, torch.Tensor]:
-    """``{"<layer>.<i>": tensor}`` for every layer's blobs, for users who prefer torch files."""
-    return {f"{lp.name}.{j}": net.params[u.learnable].detach().reshape(u.shape)
-            for lp, uses in zip(net.layer_params, net.blob_uses, strict=True) for j, u in enumerate(uses)}
-
-
-def parameter_count(net: CaffeNet) -> int:
-    return sum(math.prod(p.shape) for p in net.params)

