@@ -343,6 +343,61 @@ def test_group_convolution_against_loop():
     np.testing.assert_allclose(top, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape, params, live", [
+    # the thesis's conv2: k5 p2 on a 2x2 map, only the central 3x3 taps ever meet the input
+    ((3, 4, 2, 2), "kernel_size: 5 pad: 2 group: 2", (range(1, 4), range(1, 4))),
+    # dilated, stride 2 on a 2x3 map: rows keep the middle tap only; every column tap meets the input
+    ((2, 2, 2, 3), "kernel_size: 3 pad: 2 dilation: 2 stride: 2", (range(1, 2), range(0, 3))),
+    # nothing dead: kept whole
+    ((2, 2, 6, 6), "kernel_size: 3 pad: 1", None),
+])
+def test_convolution_cuts_taps_that_only_meet_padding(shape, params, live):
+    """Forward, weight and input gradients against the zero-padded definition in float64; the taps that
+    only ever meet padding get exactly zero weight gradient, as Caffe's im2col of zeros gives."""
+    r = rng(9)
+    x = r.standard_normal(shape).astype(np.float32)
+    layer = make(conv_params(4, params), x.shape, layer_type="Convolution")
+    assert (layer.live_taps[:2] if layer.live_taps else None) == live
+    weight = r.standard_normal(layer.blob_specs()[0].shape).astype(np.float32)
+    bias = r.standard_normal(4).astype(np.float32)
+    stride, pad, dilation, group = layer.stride, layer.pad, layer.dilation, layer.group
+    expected = correlate(x, weight, bias, stride, pad, dilation, group)
+    top_diff = r.standard_normal(expected.shape).astype(np.float32)
+    (top,), (x_grad,), (w_grad, b_grad) = run(layer, x, blobs=[weight, bias], top_diff=top_diff)
+    np.testing.assert_allclose(top, expected, rtol=1e-5, atol=1e-5)
+    # d top / d weight[o, c, i, j] and d top / d x by the same tap slices as `correlate`
+    n, c, h, w = x.shape
+    o, cg, kh, kw = weight.shape
+    _, _, oh, ow = expected.shape
+    xp = np.zeros((n, c, h + 2 * pad[0], w + 2 * pad[1]))
+    xp[:, :, pad[0]:pad[0] + h, pad[1]:pad[1] + w] = x
+    xp_grad = np.zeros_like(xp)
+    w_expected = np.zeros(weight.shape)
+    og = o // group
+    for g in range(group):
+        for i in range(kh):
+            for j in range(kw):
+                rows = slice(i * dilation[0], i * dilation[0] + stride[0] * (oh - 1) + 1, stride[0])
+                cols = slice(j * dilation[1], j * dilation[1] + stride[1] * (ow - 1) + 1, stride[1])
+                dy = top_diff[:, g * og:(g + 1) * og].astype(np.float64)
+                w_expected[g * og:(g + 1) * og, :, i, j] = np.einsum(
+                    "nohw,nchw->oc", dy, xp[:, g * cg:(g + 1) * cg, rows, cols])
+                xp_grad[:, g * cg:(g + 1) * cg, rows, cols] += np.einsum(
+                    "nohw,oc->nchw", dy, weight[g * og:(g + 1) * og, :, i, j])
+    np.testing.assert_allclose(w_grad, w_expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(x_grad, xp_grad[:, :, pad[0]:pad[0] + h, pad[1]:pad[1] + w], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(b_grad, top_diff.sum(axis=(0, 2, 3)), rtol=1e-5)
+    if live:
+        dead = np.ones(weight.shape[2:], bool)
+        dead[live[0].start:live[0].stop, live[1].start:live[1].stop] = False
+        assert np.all(w_grad[:, :, dead] == 0) and np.all(w_expected[:, :, dead] == 0)
+    # another spatial size at run time: the whole kernel again
+    bigger = r.standard_normal((1, c, h + 3, w + 3)).astype(np.float32)
+    (top,), _, _ = run(layer, bigger, blobs=[weight, bias])
+    np.testing.assert_allclose(top, correlate(bigger, weight, bias, stride, pad, dilation, group), rtol=1e-5,
+                               atol=1e-5)
+
+
 def test_convolution_reads_stride_pad_per_axis_and_no_bias():
     r = rng(6)
     x = r.standard_normal((1, 2, 9, 6)).astype(np.float32)

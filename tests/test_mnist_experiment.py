@@ -24,7 +24,17 @@ def test_smoke_scale_runs_end_to_end(tmp_path, capsys):
         solver = (runs / method / "solver.prototxt").read_text()
         assert "max_iter: 20" in solver and str(runs / method / "net.prototxt") in solver
     assert "margin: 100" in (runs / "sfa100" / "net.prototxt").read_text()
-    assert experiment.main(["eval", *argv, "--labels", "100", "--seeds", "1"]) == 0
+    # an interrupted pre-training (its last snapshot and marker gone) resumes from its newest snapshot
+    for leftover in ("BEST", "snap_iter_20.caffemodel", "snap_iter_20.solverstate"):
+        (runs / "sfa10" / leftover).unlink()
+    capsys.readouterr()
+    assert experiment.main(["train", *argv]) == 0
+    assert "sfa10: resuming from snap_iter_10.solverstate" in capsys.readouterr().out
+    log = (runs / "sfa10" / "train.log").read_text()
+    assert "Restoring previous solver status from" in log and (runs / "sfa10" / "snap_iter_20.caffemodel").exists()
+    assert (runs / "sfa10" / "BEST").read_text().strip().endswith(".caffemodel")
+    # fine-tuning in two worker processes
+    assert experiment.main(["eval", *argv, "--labels", "100", "--seeds", "1", "--jobs", "2"]) == 0
     rows = list(csv.DictReader(open(runs / "results.csv")))
     assert sorted(r["method"] for r in rows) == ["egomotion", "scratch", "sfa10", "sfa100"]
     for r in rows:
@@ -39,3 +49,19 @@ def test_smoke_scale_runs_end_to_end(tmp_path, capsys):
     assert experiment.main(["train", *argv]) == 0  # everything done before is reused, not redone
     out = capsys.readouterr().out
     assert "is ready" in out and out.count("done before") == 3
+
+
+def test_best_snapshot_reads_every_display_of_a_resumed_run(tmp_path):
+    """The thesis's best_snap: lowest smoothed training loss among the snapshots; a display repeated after
+    a resume counts with its later value."""
+    for it in (1000, 2000, 3000):
+        (tmp_path / f"snap_iter_{it}.caffemodel").write_bytes(b"")
+    (tmp_path / "train.csv").write_text(
+        "iter,seconds,phase,name,value\n"
+        "1000,1,train,smoothed_loss,0.5\n2000,2,train,smoothed_loss,0.2\n2500,3,train,smoothed_loss,0.1\n"
+        "2000,4,train,smoothed_loss,0.9\n"  # resumed from 1000: iteration 2000 again, now worse
+        "3000,5,train,smoothed_loss,0.4\n3000,5,test0,loss,0.01\n")
+    assert experiment.best_snapshot(tmp_path).name == "snap_iter_3000.caffemodel"
+    (tmp_path / "snap_iter_1000.solverstate").write_bytes(b"")
+    (tmp_path / "snap_iter_3000.solverstate").write_bytes(b"")
+    assert experiment.latest_solverstate(tmp_path).name == "snap_iter_3000.solverstate"

@@ -149,22 +149,49 @@ def write_run(folder: Path, net: caffe_pb2.NetParameter, template: str, base_lr:
     return folder / "solver.prototxt"
 
 
+def latest_solverstate(folder: Path) -> Path | None:
+    """The newest ``snap_iter_N.solverstate`` in ``folder``: where an interrupted run picks up."""
+    states = {int(p.name.split("_iter_")[1].split(".")[0]): p for p in folder.glob("snap_iter_*.solverstate")
+              if p.name.split("_iter_")[1].split(".")[0].isdigit()}
+    return states[max(states)] if states else None
+
+
 def train_quietly(solver_path: Path, weights: Path | None = None):
-    """``egomotion train [--weights W]`` in this process; its Caffe log goes to the run folder, not the console."""
+    """``egomotion train [--weights W]`` in this process; its Caffe log goes to the run folder, not the console.
+
+    A run folder that already holds snapshots is resumed from the newest one (``egomotion train --snapshot``),
+    so an interrupted experiment loses at most one snapshot interval; the log and CSV are appended to."""
     from runner.train import TrainOptions, run
 
     sp = read_solver(solver_path)
-    opts = TrainOptions(weights=[str(weights)] if weights else [])
-    with open(solver_path.parent / "console.txt", "w") as console, contextlib.redirect_stderr(console):
+    resume = latest_solverstate(solver_path.parent)
+    if resume is not None:
+        say(f"{solver_path.parent.name}: resuming from {resume.name}")
+        opts = TrainOptions(snapshot=str(resume))
+    else:
+        opts = TrainOptions(weights=[str(weights)] if weights else [])
+    with open(solver_path.parent / "console.txt", "a" if resume else "w") as console, \
+            contextlib.redirect_stderr(console):
         trainer = run(sp, str(solver_path), opts)
     return trainer
 
 
-def best_snapshot(folder: Path, records) -> Path:
-    """The thesis's ``best_snap``: the snapshot whose iteration had the lowest training loss."""
+def training_losses(folder: Path) -> dict[int, float]:
+    """Smoothed training loss per displayed iteration, from the run's train.csv. It holds every display of
+    a resumed run too; a display repeated after a resume counts with its later value."""
+    losses: dict[int, float] = {}
+    with open(folder / "train.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            if row["phase"] == "train" and row["name"] == "smoothed_loss":
+                losses[int(row["iter"])] = float(row["value"])
+    return losses
+
+
+def best_snapshot(folder: Path) -> Path:
+    """The thesis's ``best_snap``: the snapshot whose iteration had the lowest (smoothed) training loss."""
     snaps = {int(p.stem.split("_iter_")[1]): p for p in folder.glob("snap_iter_*.caffemodel")
              if p.stem.split("_iter_")[1].isdigit()}
-    losses = {r.iter: r.loss for r in records if r.iter in snaps}
+    losses = {it: loss for it, loss in training_losses(folder).items() if it in snaps}
     if not losses:
         return snaps[max(snaps)]
     return snaps[min(losses, key=losses.get)]
@@ -192,11 +219,11 @@ def pretrain(method: str, runs: Path, data: Path, scale: Scale) -> Path:
                        seed=1701)
     say(f"pretrain {method}: {iters:,} iterations of {batch} pairs (log: {folder / 'train.log'})")
     start = time.perf_counter()
-    trainer = train_quietly(solver)
-    best = best_snapshot(folder, trainer.records)
-    losses = [r.loss for r in trainer.records]
-    say(f"pretrain {method}: {time.perf_counter() - start:.0f} s, loss {losses[0]:.4g} -> {losses[-1]:.4g}, "
-        f"best snapshot {best.name}")
+    train_quietly(solver)
+    best = best_snapshot(folder)
+    losses = training_losses(folder)
+    say(f"pretrain {method}: {time.perf_counter() - start:.0f} s, loss {losses[min(losses)]:.4g} -> "
+        f"{losses[max(losses)]:.4g}, best snapshot {best.name}")
     marker.write_text(str(best))
     return best
 
@@ -339,6 +366,30 @@ def plot_results(runs: Path, table: dict, counts: list[int]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+def run_jobs(fn, jobs: list[tuple], workers: int, done) -> list:
+    """``fn(*job)`` for every job, in ``workers`` processes with the cores split between them (each small
+    net trains faster on one core than two nets share two); ``done(k, job, result)`` as each one ends.
+    Results come back in the jobs' order; ``workers`` 1 runs everything in this process."""
+    results: dict[int, object] = {}
+    if workers <= 1:
+        for k, job in enumerate(jobs):
+            results[k] = fn(*job)
+            done(len(results), job, results[k])
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+            futures = {pool.submit(fn, *job): k for k, job in enumerate(jobs)}
+            for future in as_completed(futures):
+                k = futures[future]
+                results[k] = future.result()
+                done(len(results), jobs[k], results[k])
+    return [results[k] for k in range(len(jobs))]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runner.experiments.mnist", description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=["train", "eval"])
@@ -349,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", default=",".join(map(str, LABEL_COUNTS)),
                         help="labelled-digit counts to fine-tune on (comma-separated)")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="fine-tuning seeds (comma-separated)")
+    parser.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", "1")),
+                        help="trainings run side by side, each on cpus/jobs threads (default 1; env JOBS)")
     args = parser.parse_args(argv)
     counts = [int(c) for c in args.labels.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -358,23 +411,25 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     try:
         start = time.perf_counter()
+        if args.jobs < 1:
+            raise CaffeError(f"--jobs must be at least 1, got {args.jobs}")
         if args.stage == "train":
             prepare_data(data, scale, args.mnist_dir)
-            for method in PRETRAIN:
-                pretrain(method, runs, data, scale)
+            run_jobs(pretrain, [(m, runs, data, scale) for m in PRETRAIN], args.jobs, lambda *_: None)
         else:
             missing = [m for m in PRETRAIN if not (runs / m / "BEST").exists()]
             if missing:
                 raise CaffeError(f"no pre-trained {', '.join(missing)} in {runs}: run `make train` first")
-            results = []
-            jobs = [(m, c, s) for m in THESIS for c in counts for s in seeds]
-            for k, (method, count, seed) in enumerate(jobs):
-                weights = None if method == "scratch" else Path((runs / method / "BEST").read_text().strip())
-                r = finetune(method, weights, count, seed, runs, data, scale)
-                results.append(r)
+            jobs = [(m, None if m == "scratch" else Path((runs / m / "BEST").read_text().strip()), c, s, runs,
+                     data, scale) for m in THESIS for c in counts for s in seeds]
+
+            def done(k: int, job: tuple, r: dict) -> None:
                 elapsed = time.perf_counter() - start
-                say(f"[{k + 1}/{len(jobs)}] {method} {count} labels seed {seed}: accuracy {r['accuracy']:.4f} "
-                    f"(last batch {r['last_batch_accuracy']:.3f}); ETA {elapsed / (k + 1) * (len(jobs) - k - 1):.0f} s")
+                say(f"[{k}/{len(jobs)}] {r['method']} {r['labels']} labels seed {r['seed']}: accuracy "
+                    f"{r['accuracy']:.4f} (last batch {r['last_batch_accuracy']:.3f}); "
+                    f"ETA {elapsed / k * (len(jobs) - k):.0f} s")
+
+            results = run_jobs(finetune, jobs, args.jobs, done)
             write_results(runs, results, args.scale, counts, seeds)
         say(f"{args.stage}: done in {time.perf_counter() - start:.0f} s")
     except CaffeError as e:
