@@ -44,6 +44,8 @@ def test_smoke_scale_runs_end_to_end(tmp_path, capsys):
                                                                       abs=1e-3)
     table = (runs / "results.md").read_text()
     assert "| egomotion |" in table and "[0.75]" in table and "last test batch" in table
+    assert "| labels | egomotion − scratch | egomotion − best SFA |" in table and "| 100 | " in table
+    assert "more than 5 points from the thesis" in table
     assert (runs / "accuracy.png").stat().st_size > 1000 and (runs / "pretraining_loss.png").stat().st_size > 1000
     capsys.readouterr()
     assert experiment.main(["train", *argv]) == 0  # everything done before is reused, not redone
@@ -65,3 +67,16 @@ def test_best_snapshot_reads_every_display_of_a_resumed_run(tmp_path):
     (tmp_path / "snap_iter_1000.solverstate").write_bytes(b"")
     (tmp_path / "snap_iter_3000.solverstate").write_bytes(b"")
     assert experiment.latest_solverstate(tmp_path).name == "snap_iter_3000.solverstate"
+
+
+def test_comparison_lines_compute_the_acceptance_margins():
+    def cell(*values):
+        return [{"accuracy": v, "last_batch_accuracy": v} for v in values]
+
+    table = {("egomotion", 100): cell(0.80, 0.70), ("scratch", 100): cell(0.50), ("sfa10", 100): cell(0.55),
+             ("sfa100", 100): cell(0.58)}
+    lines = experiment.comparison_lines(table, [100])
+    assert "| 100 | +25.0 | +17.0 |" in lines  # 0.75 - 0.50 and 0.75 - max(0.55, 0.58)
+    far = lines[-1]
+    # thesis: scratch 0.42 (8 points off), SFA m=10 0.52 (3), SFA m=100 0.58 (0), egomotion 0.75 (0)
+    assert "from scratch at 100: 0.500 vs 0.42" in far and "SFA" not in far and "egomotion" not in far

@@ -313,6 +313,7 @@ def write_results(runs: Path, results: list[dict], scale_name: str, counts: list
             lines.append(f"- {METHOD_NAMES[method]}: {len(losses)} displays, loss {losses[0]:.4g} → "
                          f"{losses[-1]:.4g}, weights from `{Path(best).name}` (the lowest training loss among the "
                          "snapshots, as the thesis)")
+    lines += comparison_lines(table, counts)
     if scale_name != "full":
         lines += ["", f"SCALE={scale_name} shortens the thesis's schedule (`SCALES` in runner/experiments/mnist.py): "
                   "fewer pairs, fewer pre-training iterations and, for SFA, batch 125 instead of 800. Egomotion's "
@@ -323,6 +324,31 @@ def write_results(runs: Path, results: list[dict], scale_name: str, counts: list
     (runs / "results.md").write_text("\n".join(lines) + "\n")
     plot_results(runs, table, counts)
     say("\n".join(lines))
+
+
+def comparison_lines(table: dict, counts: list[int]) -> list[str]:
+    """The issue's acceptance, computed: egomotion minus scratch at each count and egomotion minus the
+    better SFA (means over seeds, whole test set), and every cell whose thesis-measure value (last batch)
+    is more than 5 points from the thesis's number."""
+    def mean(method: str, count: int, key: str = "accuracy") -> float:
+        values = [r[key] for r in table.get((method, count), [])]
+        return float(np.mean(values)) if values else float("nan")
+
+    lines = ["", "Egomotion against the others (points of accuracy, means over seeds, whole test set):", "",
+             "| labels | egomotion − scratch | egomotion − best SFA |", "|---|---|---|"]
+    for c in counts:
+        best_sfa = max(mean("sfa10", c), mean("sfa100", c))
+        lines.append(f"| {c} | {100 * (mean('egomotion', c) - mean('scratch', c)):+.1f} | "
+                     f"{100 * (mean('egomotion', c) - best_sfa):+.1f} |")
+    far = []
+    for m in THESIS:
+        for c in (c for c in counts if c in LABEL_COUNTS):
+            ours, theirs = mean(m, c, "last_batch_accuracy"), THESIS[m][LABEL_COUNTS.index(c)]
+            if abs(ours - theirs) > 0.05:
+                far.append(f"{METHOD_NAMES[m]} at {c}: {ours:.3f} vs {theirs:.2f}")
+    lines += ["", "Cells more than 5 points from the thesis on its own measure (last batch of 125): "
+              + ("; ".join(far) if far else "none") + "."]
+    return lines
 
 
 def plot_results(runs: Path, table: dict, counts: list[int]) -> None:
