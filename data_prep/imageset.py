@@ -17,7 +17,8 @@ Images are decoded from their bytes (``cv::imdecode``, the decoder ``imread`` us
 included) after their header is checked, so an empty file, a truncated JPEG (which ``imread`` would fill
 with grey) or a decompression bomb is refused instead of decoded. A run that fails on bad input removes
 the database it created (a partial DB is never left behind as if complete); ``--append`` keeps the records
-committed before.
+committed before. A run the machine stops (disk full, file size limit) keeps its committed records, new
+database or not, and says so: ``--append`` then finishes it.
 
 ``compute_image_mean DB [MEAN]``: the float32 sum of every Datum (encoded ones decoded natively),
 accumulated record by record in key order exactly as Caffe's ``float`` BlobProto accumulates, divided
@@ -40,7 +41,7 @@ import numpy as np
 from converter.errors import CaffeError, prefixed
 from converter.io import write_blobproto
 from data_prep.datum import check_image_size, datum_to_array, encoded_datum, image_to_datum, parse_datum
-from data_prep.lmdb_io import LMDBReader, LMDBWriter, caffe_key
+from data_prep.lmdb_io import LMDBReader, LMDBWriteError, LMDBWriter, caffe_key
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +225,9 @@ def convert_imageset(root: str, listfile: str | os.PathLike, db: str | os.PathLi
                     if counts["written"] % 1000 == 0:
                         log.info("Processed %d files.", counts["written"])
             counts["skipped"] = sum(1 for i, e in enumerate(entries) if e is not None) - counts["written"]
+    except LMDBWriteError as e:  # the machine, not the list: keep what is committed for --append
+        raise CaffeError(f"{e}; the {e.committed} records committed are kept: free space, then rerun "
+                         "with --append to finish") from None
     except CaffeError:
         if mode != "append":  # a new DB that stopped on bad input is not a DB of the list: remove it
             discard_lmdb(Path(db), remove_folder=not existed)

@@ -41,6 +41,18 @@ def looks_like_leveldb(path: str | os.PathLike) -> bool:
     return p.is_dir() and (p / "CURRENT").exists() and (any(p.glob("*.ldb")) or any(p.glob("*.log")))
 
 
+class LMDBWriteError(CaffeError):
+    """A commit the machine refused (disk full, file size limit), not bad input: the DB still holds the
+    ``committed`` records (all of its entries) of the transactions before, which ``--append`` completes."""
+
+    def __init__(self, message: str, committed: int):
+        super().__init__(message)
+        self.committed = committed
+
+    def __reduce__(self):
+        return type(self), (str(self), self.committed)
+
+
 def _leveldb_refusal(path: str | os.PathLike, what: str) -> CaffeError:
     return CaffeError(f"{what}'{path}' is a LevelDB (backend: LEVELDB); only LMDB is supported — convert it once "
                       "(e.g. read it with plyvel and write it with data_prep.lmdb_io.LMDBWriter, or rerun "
@@ -275,8 +287,8 @@ class LMDBWriter:
                 log.info("Doubling LMDB map size to %d MB", new_size >> 20)
                 self.env.set_mapsize(new_size)
             except lmdb.Error as e:  # a failed commit leaves the DB as of the last commit (LMDB's own guarantee)
-                raise CaffeError(f"writing LMDB '{self.path}' failed ({e}): disk full or file size limit "
-                                 "reached?") from None
+                raise LMDBWriteError(f"writing LMDB '{self.path}' failed ({e}): disk full or file size limit "
+                                     "reached?", self.env.stat()["entries"]) from None
         self.written += len(self._pending)
         self._pending.clear()
         self._pending_keys.clear()

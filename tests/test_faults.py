@@ -195,6 +195,22 @@ def test_lmdb_disk_full_is_one_line_and_keeps_what_was_committed(tmp_path, image
         assert list(r.items()) == reference
 
 
+def test_first_conversion_stopped_by_the_machine_keeps_its_prefix(tmp_path, imageset):
+    """Bad input removes a new DB; a disk-full or file-size stop does not: it names what it kept and
+    --append finishes the job."""
+    folder, reference, _ = imageset
+    db = tmp_path / "db"
+    full = cli_run(*_convert_args(folder, db), limit=400_000)
+    line = one_error_line(full, "data")
+    kept = _committed_prefix(db, reference)
+    assert 0 < kept < len(reference)
+    assert "disk full" in line and f"the {kept} records committed are kept" in line and "--append" in line
+    again = cli_run(*_convert_args(folder, db, "--append"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    with LMDBReader(db) as r:
+        assert list(r.items()) == reference
+
+
 # ------------------------------------------------------------------------------------------------
 # Training snapshots
 # ------------------------------------------------------------------------------------------------
