@@ -9,6 +9,7 @@ stdout, one ``name = value`` per line, for scripts.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,10 +25,19 @@ from runner.train import Log, comma_list, glog_session, input_shapes, output_ord
 f32 = np.float32
 
 
+@dataclass
+class Score:
+    """``means``: every output element averaged over the batches (keys ``name``, or ``name[k]`` for outputs
+    with several elements) and the mean net loss under ``""``; ``last``: the last batch's elements (what a
+    script reading ``net.blobs`` after the loop sees, e.g. the thesis's accuracy)."""
+
+    means: dict[str, float]
+    last: dict[str, float]
+
+
 def score(model: str, weights: list[str], iterations: int, gpu: str | None = None, phase: str = "TEST",
-          level: int = 0, stages: list[str] | None = None, log: Log | None = None) -> dict[str, float]:
-    """Mean of every output element over ``iterations`` batches (keys ``name``, or ``name[k]`` for
-    outputs with several elements), and the mean net loss under the key ``""``."""
+          level: int = 0, stages: list[str] | None = None, log: Log | None = None) -> Score:
+    """``caffe test``'s loop over ``iterations`` batches, logged as Caffe logs it."""
     from runner.data import NetFeeder
 
     with glog_session(log) as log:
@@ -50,7 +60,7 @@ def score(model: str, weights: list[str], iterations: int, gpu: str | None = Non
         names = output_order(net)
         loss_weights = dict(net.loss_blobs())
         log.line("caffe.cpp:290", f"Running for {iterations} iterations.")
-        total, loss = None, f32(0)
+        total, loss, flat = None, f32(0), np.zeros(0, f32)
         owners: list[str] = []
         with NetFeeder(proto, phase_id, device=str(device)) as feeder, torch.no_grad():
             for i in range(iterations):
@@ -75,13 +85,13 @@ def score(model: str, weights: list[str], iterations: int, gpu: str | None = Non
             extra = f" (* {fmt(w)} = {fmt(float(f32(w) * f32(mean)))} loss)" if w else ""
             log.line("caffe.cpp:330", f"{key} = {fmt(mean)}{extra}")
             results[key] = mean
-        return results
+        return Score(results, {key: float(v) for key, v in zip(owners, flat, strict=True)})
 
 
 def test(args: argparse.Namespace) -> int:
     weights = comma_list(args.weights)
     results = score(args.model, weights, args.iterations, args.gpu, args.phase, args.level,
-                    comma_list(args.stage))
+                    comma_list(args.stage)).means
     print(f"loss = {fmt(results.pop(''))}")
     for name, value in results.items():
         print(f"{name} = {fmt(value)}")

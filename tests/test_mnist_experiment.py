@@ -42,6 +42,8 @@ def test_smoke_scale_runs_end_to_end(tmp_path, capsys):
         # the thesis's measure is one batch of 125 digits: a multiple of 1/125
         assert float(r["accuracy_last_batch"]) * 125 == pytest.approx(round(float(r["accuracy_last_batch"]) * 125),
                                                                       abs=1e-3)
+    scored = (runs / "finetune" / "egomotion_100_seed1" / "test.log").read_text()  # `caffe test`'s log
+    assert "Batch 79, accuracy = " in scored and "Batch 80," not in scored
     table = (runs / "results.md").read_text()
     assert "| egomotion |" in table and "[0.75]" in table and "last test batch" in table
     assert "| labels | egomotion − scratch | egomotion − best SFA |" in table and "| 100 | " in table

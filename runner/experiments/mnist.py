@@ -30,9 +30,7 @@ import torch
 
 from converter import caffe_pb2
 from converter.errors import CaffeError
-from converter.io import filter_net, net_state, read_net, read_solver, write_message
-from converter.net import CaffeNet
-from converter.weights import load_weights
+from converter.io import read_net, read_solver, write_message
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "prototxt" / "mnist"
 LABEL_COUNTS = (100, 300, 1000, 10000)
@@ -231,23 +229,19 @@ def pretrain(method: str, runs: Path, data: Path, scale: Scale) -> Path:
 # ----------------------------------------------------------------------------------------------------
 # Fine-tuning and evaluation
 # ----------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(net_path: Path, weights: Path) -> tuple[float, float]:
-    """(accuracy over the whole test set, accuracy of its last batch of 125 — the thesis's measure)."""
-    from runner.data import NetFeeder, data_layer_shapes
+def evaluate(folder: Path, weights: Path) -> tuple[float, float]:
+    """``egomotion test`` of the run's TEST net over the whole test set (its log into the run folder):
+    (accuracy over all 10,000 digits, accuracy of the last batch of 125 — the thesis's measure)."""
+    from runner.test_cmd import score
+    from runner.train import Log
 
-    proto = filter_net(read_net(net_path), net_state("TEST"))
-    shapes = {k: v for lp in proto.layer for k, v in data_layer_shapes(lp, caffe_pb2.TEST).items()}
-    net = CaffeNet(proto, shapes)
-    load_weights(net, weights)
-    net.eval()
-    batches = math.ceil(10000 / BATCH)
-    correct, last = 0.0, 0.0
-    with NetFeeder(proto, caffe_pb2.TEST, seed=0) as feeder:
-        for _ in range(batches):
-            last = float(net(feeder.next())["accuracy"])
-            correct += last * BATCH
-    return correct / (batches * BATCH), last
+    with open(folder / "console.txt", "a") as console, contextlib.redirect_stderr(console):
+        log = Log(str(folder / "test.log"))
+        try:
+            result = score(str(folder / "net.prototxt"), [str(weights)], math.ceil(10000 / BATCH), log=log)
+        finally:
+            log.close()
+    return result.means["accuracy"], result.last["accuracy"]
 
 
 def finetune(method: str, pretrained: Path | None, count: int, seed: int, runs: Path, data: Path,
@@ -263,7 +257,7 @@ def finetune(method: str, pretrained: Path | None, count: int, seed: int, runs: 
     iters = scale.scratch_iters if method == "scratch" else scale.finetune_iters
     solver = write_run(folder, net, template, 0.01, iters, 10, iters, iters, seed=seed)
     train_quietly(solver, pretrained)
-    full, last = evaluate(folder / "net.prototxt", folder / f"snap_iter_{iters}.caffemodel")
+    full, last = evaluate(folder, folder / f"snap_iter_{iters}.caffemodel")
     result = {"method": method, "labels": count, "seed": seed, "accuracy": full, "last_batch_accuracy": last,
               "iterations": iters}
     result_file.write_text(json.dumps(result))
