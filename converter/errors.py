@@ -12,6 +12,11 @@ class CaffeError(Exception):
     """A user-facing error: bad file, bad field, shapes that do not fit, missing data."""
 
 
+def format_shape(shape: tuple[int, ...] | list[int]) -> str:
+    """``2x3x4``, or ``scalar`` for a 0-axis blob: how every message writes a shape."""
+    return "x".join(map(str, shape)) or "scalar"
+
+
 def layer_error(layer_name: str, layer_type: str, message: str) -> CaffeError:
     """An error that names the layer it happened in, as every build-time check should."""
     return CaffeError(f"layer '{layer_name}' ({layer_type}): {message}")

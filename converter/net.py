@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from converter import caffe_pb2
-from converter.errors import CaffeError, layer_error
+from converter.errors import CaffeError, format_shape, layer_error
 from converter.fillers import fill
 from converter.layers import Layer, layer_class
 from converter.layers.base import Shape
@@ -172,7 +172,7 @@ class CaffeNet(nn.Module):
         for what, shape in blobs:
             size = FLOAT_BYTES * math.prod(shape)
             if size > limit:
-                raise layer_error(lp.name, lp.type, f"{what} of shape {'x'.join(map(str, shape))} needs "
+                raise layer_error(lp.name, lp.type, f"{what} of shape {format_shape(shape)} needs "
                                   f"{_fmt_bytes(size)}, more than this machine's memory ({_fmt_bytes(limit)})")
             self._bytes_needed += size
         if self._bytes_needed > limit:

@@ -22,7 +22,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from converter import caffe_pb2
-from converter.errors import CaffeError
+from converter.errors import CaffeError, format_shape
 
 #: How an encoded image is decoded: Caffe's three OpenCV flags.
 DECODE_FLAGS = {"native": cv2.IMREAD_UNCHANGED, "color": cv2.IMREAD_COLOR, "gray": cv2.IMREAD_GRAYSCALE}
@@ -160,16 +160,16 @@ def datum_to_array(datum: caffe_pb2.Datum, force_color: bool = False, force_gray
         return decode_image(datum.data, decode_mode(force_color, force_gray), key)
     shape = (datum.channels, datum.height, datum.width)
     if min(shape) < 0:
-        raise CaffeError(f"{_where(key)}: channels x height x width = {'x'.join(map(str, shape))} has a negative size")
+        raise CaffeError(f"{_where(key)}: channels x height x width = {format_shape(shape)} has a negative size")
     count = shape[0] * shape[1] * shape[2]
     if datum.data:
         if len(datum.data) != count:
             raise CaffeError(f"{_where(key)}: data holds {len(datum.data)} bytes but channels x height x width "
-                             f"= {'x'.join(map(str, shape))} = {count}")
+                             f"= {format_shape(shape)} = {count}")
         return np.frombuffer(datum.data, dtype=np.uint8).reshape(shape)
     if len(datum.float_data) != count or count == 0:
         raise CaffeError(f"{_where(key)}: float_data holds {len(datum.float_data)} values but channels x height "
-                         f"x width = {'x'.join(map(str, shape))} = {count}")
+                         f"x width = {format_shape(shape)} = {count}")
     return np.asarray(datum.float_data, dtype=np.float32).reshape(shape)
 
 

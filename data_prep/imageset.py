@@ -38,7 +38,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from converter.errors import CaffeError, prefixed
+from converter.errors import CaffeError, format_shape, prefixed
 from converter.io import write_blobproto
 from data_prep.datum import check_image_size, datum_to_array, encoded_datum, image_to_datum, parse_datum
 from data_prep.lmdb_io import LMDBReader, LMDBWriteError, LMDBWriter, caffe_key
@@ -261,8 +261,8 @@ def compute_image_mean(db: str | os.PathLike, out: str | os.PathLike | None = No
                 values = datum_to_array(parse_datum(value, key), key=key)
                 if values.size != flat.size:
                     raise CaffeError(f"record '{key.decode(errors='replace')}': {values.size} values "
-                                     f"({'x'.join(map(str, values.shape))}) but the first record has {flat.size} "
-                                     f"({'x'.join(map(str, shape))})")
+                                     f"({format_shape(values.shape)}) but the first record has {flat.size} "
+                                     f"({format_shape(shape)})")
                 flat += values.reshape(-1)  # float32 += uint8/float32, record by record: Caffe's float sums
                 count += 1
                 if count % 10000 == 0:

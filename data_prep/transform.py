@@ -20,12 +20,8 @@ from __future__ import annotations
 import numpy as np
 
 from converter import caffe_pb2
-from converter.errors import CaffeError
+from converter.errors import CaffeError, format_shape
 from converter.io import read_blobproto
-
-
-def _dims(shape) -> str:
-    return "x".join(str(int(d)) for d in shape)
 
 
 class Transformer:
@@ -52,7 +48,7 @@ class Transformer:
                 mean = mean[0]
             if mean.ndim != 3:
                 raise CaffeError(f"{what}: mean_file '{tp.mean_file}' must hold a 1xCxHxW blob, got shape "
-                                 f"{_dims(mean.shape)}")
+                                 f"{format_shape(mean.shape)}")
             self.mean = np.ascontiguousarray(mean, dtype=np.float32)
         elif len(tp.mean_value):
             self.mean_values = np.asarray(tp.mean_value, dtype=np.float32)
@@ -66,13 +62,14 @@ class Transformer:
         """Caffe's CHECKs on one input of shape C×H×W (mean shape, mean_value count, crop size)."""
         c, h, w = chw
         if self.mean is not None and self.mean.shape != tuple(chw):
-            raise CaffeError(f"{self.what}: mean_file '{self.mean_file}' has shape {_dims(self.mean.shape)} but the "
-                             f"data is {_dims(chw)} (the mean must have the data's own CxHxW, before cropping)")
+            raise CaffeError(f"{self.what}: mean_file '{self.mean_file}' has shape {format_shape(self.mean.shape)} "
+                             f"but the data is {format_shape(chw)} (the mean must have the data's own CxHxW, before "
+                             "cropping)")
         if self.mean_values is not None and len(self.mean_values) not in (1, c):
             raise CaffeError(f"{self.what}: specify either 1 mean_value or as many as channels ({c}), got "
                              f"{len(self.mean_values)}")
         if self.crop and (h < self.crop or w < self.crop):
-            raise CaffeError(f"{self.what}: crop_size {self.crop} is larger than the {_dims(chw)} data")
+            raise CaffeError(f"{self.what}: crop_size {self.crop} is larger than the {format_shape(chw)} data")
 
     def output_shape(self, chw: tuple[int, ...]) -> tuple[int, int, int]:
         """``InferBlobShape`` without the batch axis: C, crop|H, crop|W."""
@@ -112,8 +109,9 @@ class Transformer:
         for a in batch if isinstance(batch, list) else batch[:1]:
             self.check(a.shape)
             if a.shape[0] != first[0] or (not self.crop and a.shape != first):
-                raise CaffeError(f"{self.what}: inputs of one batch differ in shape ({_dims(first)} and "
-                                 f"{_dims(a.shape)}); without crop_size every input must have the first one's shape")
+                raise CaffeError(f"{self.what}: inputs of one batch differ in shape ({format_shape(first)} and "
+                                 f"{format_shape(a.shape)}); without crop_size every input must have the first one's "
+                                 "shape")
         mirror, h_off, w_off = self.draw(rng, np.array([a.shape[1] for a in batch]),
                                          np.array([a.shape[2] for a in batch]))
         return self.apply(batch, mirror, h_off, w_off, out)

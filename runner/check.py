@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from converter import caffe_pb2
+from converter.errors import format_shape
 from converter.io import (
     BINARY_SUFFIXES,
     filter_net,
@@ -17,7 +18,6 @@ from converter.io import (
     upgrade_solver,
     write_message,
 )
-from converter.layers.base import format_shape
 from converter.net import CaffeNet
 from runner.solver_nets import solver_nets
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from converter.errors import CaffeError, prefixed
+from converter.errors import CaffeError, format_shape, prefixed
 from data_prep.datum import datum_to_array, encoding_of, parse_datum
 from data_prep.imageset import compute_image_mean, convert_imageset
 from data_prep.lmdb_io import LMDBReader, looks_like_leveldb
@@ -109,12 +109,12 @@ def _inspect(args: argparse.Namespace) -> None:
             if datum.encoded:
                 formats[f"encoded {encoding_of(datum.data)}"] += 1
                 if decoded < args.decode:
-                    shapes["x".join(map(str, datum_to_array(datum, key=key).shape))] += 1
+                    shapes[format_shape(datum_to_array(datum, key=key).shape)] += 1
                     decoded += 1
                 continue
             array = datum_to_array(datum, key=key)
             formats["raw uint8" if array.dtype.name == "uint8" else "float_data"] += 1
-            shapes["x".join(map(str, array.shape))] += 1
+            shapes[format_shape(array.shape)] += 1
             if array.size <= 8 and array.shape[1:] == (1, 1):  # e.g. the thesis's (x, y, z) class records
                 small += [Counter() for _ in range(array.size - len(small))]
                 for c, v in enumerate(array.ravel().tolist()):
@@ -158,7 +158,7 @@ def run_data(args: argparse.Namespace) -> int:
         print(f"Processed {counts['written']} files{skipped} -> {args.db}")
     elif args.data_verb == "compute-image-mean":
         mean, channels = compute_image_mean(args.db, args.mean)
-        print(f"mean of {args.db}: shape {'x'.join(map(str, mean.shape))}" +
+        print(f"mean of {args.db}: shape {format_shape(mean.shape)}" +
               (f", written to {args.mean}" if args.mean else ""))
         for c, v in enumerate(channels.tolist()):
             print(f"mean_value channel [{c}]: {v:g}")

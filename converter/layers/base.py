@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from converter import caffe_pb2
-from converter.errors import CaffeError, layer_error
+from converter.errors import CaffeError, format_shape, layer_error
 
 Shape = tuple[int, ...]
 
@@ -87,11 +87,6 @@ class BlobSpec:
 
     shape: Shape
     filler: caffe_pb2.FillerParameter
-
-
-def format_shape(shape: tuple[int, ...] | list[int]) -> str:
-    """``2x3x4``, or ``scalar`` for a 0-axis blob: how every message writes a shape."""
-    return "x".join(map(str, shape)) or "scalar"
 
 
 def count(shape: tuple[int, ...] | list[int], start: int = 0, end: int | None = None) -> int:

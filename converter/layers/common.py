@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from converter import caffe_pb2
-from converter.layers.base import BlobSpec, Layer, Shape, constant_filler, count, format_shape, register
+from converter.errors import format_shape
+from converter.layers.base import BlobSpec, Layer, Shape, constant_filler, count, register
 
 EltwiseOp = caffe_pb2.EltwiseParameter
 ReductionOp = caffe_pb2.ReductionParameter
