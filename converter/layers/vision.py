@@ -161,9 +161,8 @@ class _ConvolutionBase(Layer):
         return tops
 
 
-def live_taps(size: int, kernel: int, stride: int, pad: int, dilation: int) -> range:
-    """The kernel taps along one axis that reach the input (not the zero padding) at some output position."""
-    out = (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+def live_taps(size: int, kernel: int, stride: int, pad: int, dilation: int, out: int) -> range:
+    """The kernel taps along one axis that reach the input (not the zero padding) at one of ``out`` outputs."""
     live = [t for t in range(kernel) if any(0 <= o * stride - pad + t * dilation < size for o in range(out))]
     return range(live[0], live[-1] + 1) if live else range(kernel)
 
@@ -184,12 +183,12 @@ class Convolution(_ConvolutionBase):
     def __init__(self, lp: caffe_pb2.LayerParameter, bottom_shapes: list[Shape], phase: int):
         super().__init__(lp, bottom_shapes, phase)
         self.input_size = tuple(self.bottom_shapes[0][self.axis + 1:])
-        taps = [live_taps(self.input_size[i], self.kernel[i], self.stride[i], self.pad[i], self.dilation[i])
+        out = self.top_shapes[0][self.axis + 1:]
+        taps = [live_taps(self.input_size[i], self.kernel[i], self.stride[i], self.pad[i], self.dilation[i], out[i])
                 for i in range(2)]
         pads = [self.pad[i] - taps[i].start * self.dilation[i] for i in range(2)]
-        same_size = all(pads[i] >= 0 and (self.input_size[i] + 2 * pads[i] - self.dilation[i] * (len(taps[i]) - 1)
-                                          - 1) // self.stride[i] + 1 == self.top_shapes[0][self.axis + 1 + i]
-                        for i in range(2))
+        same_size = all(pads[i] >= 0 and self.output_size(self.input_size[i], self.dilation[i] * (len(taps[i]) - 1) + 1,
+                                                          self.stride[i], pads[i]) == out[i] for i in range(2))
         trimmed = any(len(taps[i]) < self.kernel[i] for i in range(2))
         self.live_taps = (taps[0], taps[1], tuple(pads)) if trimmed and same_size else None
 
