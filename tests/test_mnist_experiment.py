@@ -65,7 +65,7 @@ def test_best_snapshot_reads_every_display_of_a_resumed_run(tmp_path):
         "1000,1,train,smoothed_loss,0.5\n2000,2,train,smoothed_loss,0.2\n2500,3,train,smoothed_loss,0.1\n"
         "2000,4,train,smoothed_loss,0.9\n"  # resumed from 1000: iteration 2000 again, now worse
         "3000,5,train,smoothed_loss,0.4\n3000,5,test0,loss,0.01\n")
-    assert experiment.best_snapshot(tmp_path).name == "snap_iter_3000.caffemodel"
+    assert experiment.best_snapshot(tmp_path, experiment.training_losses(tmp_path)).name == "snap_iter_3000.caffemodel"
     (tmp_path / "snap_iter_1000.solverstate").write_bytes(b"")
     (tmp_path / "snap_iter_3000.solverstate").write_bytes(b"")
     assert experiment.latest_solverstate(tmp_path).name == "snap_iter_3000.solverstate"

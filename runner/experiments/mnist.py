@@ -147,10 +147,19 @@ def write_run(folder: Path, net: caffe_pb2.NetParameter, template: str, base_lr:
     return folder / "solver.prototxt"
 
 
+def snapshots(folder: Path, suffix: str) -> dict[int, Path]:
+    """``{N: snap_iter_N<suffix>}`` in ``folder`` (``.caffemodel`` or ``.solverstate``; ``_nan`` ones excluded)."""
+    found = {}
+    for path in folder.glob(f"snap_iter_*{suffix}"):
+        it = path.name.removeprefix("snap_iter_").removesuffix(suffix)
+        if it.isdigit():
+            found[int(it)] = path
+    return found
+
+
 def latest_solverstate(folder: Path) -> Path | None:
     """The newest ``snap_iter_N.solverstate`` in ``folder``: where an interrupted run picks up."""
-    states = {int(p.name.split("_iter_")[1].split(".")[0]): p for p in folder.glob("snap_iter_*.solverstate")
-              if p.name.split("_iter_")[1].split(".")[0].isdigit()}
+    states = snapshots(folder, ".solverstate")
     return states[max(states)] if states else None
 
 
@@ -185,11 +194,11 @@ def training_losses(folder: Path) -> dict[int, float]:
     return losses
 
 
-def best_snapshot(folder: Path) -> Path:
-    """The thesis's ``best_snap``: the snapshot whose iteration had the lowest (smoothed) training loss."""
-    snaps = {int(p.stem.split("_iter_")[1]): p for p in folder.glob("snap_iter_*.caffemodel")
-             if p.stem.split("_iter_")[1].isdigit()}
-    losses = {it: loss for it, loss in training_losses(folder).items() if it in snaps}
+def best_snapshot(folder: Path, losses: dict[int, float]) -> Path:
+    """The thesis's ``best_snap``: the snapshot whose iteration had the lowest (smoothed) training loss
+    (``losses``: :func:`training_losses` of the run)."""
+    snaps = snapshots(folder, ".caffemodel")
+    losses = {it: loss for it, loss in losses.items() if it in snaps}
     if not losses:
         return snaps[max(snaps)]
     return snaps[min(losses, key=losses.get)]
@@ -218,8 +227,8 @@ def pretrain(method: str, runs: Path, data: Path, scale: Scale) -> Path:
     say(f"pretrain {method}: {iters:,} iterations of {batch} pairs (log: {folder / 'train.log'})")
     start = time.perf_counter()
     train_quietly(solver)
-    best = best_snapshot(folder)
     losses = training_losses(folder)
+    best = best_snapshot(folder, losses)
     say(f"pretrain {method}: {time.perf_counter() - start:.0f} s, loss {losses[min(losses)]:.4g} -> "
         f"{losses[max(losses)]:.4g}, best snapshot {best.name}")
     marker.write_text(str(best))
@@ -297,16 +306,14 @@ def write_results(runs: Path, results: list[dict], scale_name: str, counts: list
     for method in THESIS:
         lines.append(f"| {METHOD_NAMES[method]} | "
                      + " | ".join(cell(method, c, "last_batch_accuracy") for c in counts) + " |")
-    lines += ["", "Pre-training behind these numbers (from each run's train.log):", ""]
+    lines += ["", "Pre-training behind these numbers (from each run's train.csv):", ""]
     for method in PRETRAIN:
-        log = runs / method / "train.log"
-        if log.exists():
-            losses = [float(line.rsplit("=", 1)[1]) for line in log.read_text().splitlines()
-                      if "), loss = " in line]
+        if (runs / method / "train.csv").exists():
+            losses = training_losses(runs / method)
             best = (runs / method / "BEST").read_text().strip() if (runs / method / "BEST").exists() else "?"
-            lines.append(f"- {METHOD_NAMES[method]}: {len(losses)} displays, loss {losses[0]:.4g} → "
-                         f"{losses[-1]:.4g}, weights from `{Path(best).name}` (the lowest training loss among the "
-                         "snapshots, as the thesis)")
+            lines.append(f"- {METHOD_NAMES[method]}: {len(losses)} displays, loss {losses[min(losses)]:.4g} → "
+                         f"{losses[max(losses)]:.4g}, weights from `{Path(best).name}` (the lowest training loss "
+                         "among the snapshots, as the thesis)")
     lines += comparison_lines(table, counts)
     if scale_name != "full":
         lines += ["", f"SCALE={scale_name} shortens the thesis's schedule (`SCALES` in runner/experiments/mnist.py): "
@@ -387,8 +394,8 @@ def plot_results(runs: Path, table: dict, counts: list[int]) -> None:
 
 # ----------------------------------------------------------------------------------------------------
 def run_jobs(fn, jobs: list[tuple], workers: int, done) -> list:
-    """``fn(*job)`` for every job, in ``workers`` processes with the cores split between them (each small
-    net trains faster on one core than two nets share two); ``done(k, job, result)`` as each one ends.
+    """``fn(*job)`` for every job, in ``workers`` processes with the cores split between them;
+    ``done(k, job, result)`` as each one ends.
     Results come back in the jobs' order; ``workers`` 1 runs everything in this process."""
     results: dict[int, object] = {}
     if workers <= 1:
