@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import emit, figure, net_forward_flops, ref  # noqa: E402
+from common import emit, figure, mnist_egomotion_run, net_forward_flops, ref  # noqa: E402
 from gemm_peak import peak_gflops  # noqa: E402
 
 CAFFE_MS = 99.3  # caffe time, thesis_mnist_egomotion_b125, 2 threads (caffe-times.md)
@@ -66,22 +66,13 @@ def train_seconds(folder: Path, iters: int) -> float:
 
 
 def bench_training(images, iters: int, runs: int) -> dict:
-    from converter import caffe_pb2
-    from data_prep.mnist import write_pair_lmdbs
-    from runner.experiments.mnist import fill_net, write_run
-
     samples = []
     with tempfile.TemporaryDirectory() as d:
-        d = Path(d)
-        write_pair_lmdbs(images, 20_000, 0, d / "p", d / "l")
-        sources = {("pairs", caffe_pb2.TRAIN): str(d / "p"), ("motion", caffe_pb2.TRAIN): str(d / "l"),
-                   ("pairs", caffe_pb2.TEST): str(d / "p"), ("motion", caffe_pb2.TEST): str(d / "l")}
-        net = fill_net("egomotion", sources, {caffe_pb2.TRAIN: 125, caffe_pb2.TEST: 125})
-        write_run(d / "run", net, "egomotion", 0.01, 1, 1, 10**9, 10**9, seed=1701)
-        train_seconds(d / "run", 5)  # warm-up: caches, allocator, MKL-DNN primitives
+        run = mnist_egomotion_run(Path(d), images, 20_000).parent
+        train_seconds(run, 5)  # warm-up: caches, allocator, MKL-DNN primitives
         for _ in range(runs):
-            short = train_seconds(d / "run", 10)
-            long = train_seconds(d / "run", 10 + iters)
+            short = train_seconds(run, 10)
+            long = train_seconds(run, 10 + iters)
             samples.append((long - short) / iters * 1e3)
     per_iter = statistics.median(samples) / 1e3
     return {"iters": iters, "runs": runs, "ms_per_iter": per_iter * 1e3, "ms_per_iter_samples": samples,

@@ -118,3 +118,22 @@ def caffe_ms(net: str, threads: int, column: str = "total_ms") -> float | None:
                               (float(c.replace(",", "")) for c in cells[3:6]), strict=True))
             return values[column]
     return None
+
+
+def mnist_egomotion_run(folder: Path, images, pairs: int) -> Path:
+    """The MNIST experiment's egomotion run (its files as they are, SCALE=full), resolved by the experiment
+    engine over ``pairs`` generated pairs (validation = training), with no test phase or snapshot; returns
+    the run folder's solver.prototxt."""
+    from data_prep.mnist import write_pair_lmdbs
+    from runner.experiments import engine, spec
+
+    exp = spec.load("mnist", "full")
+    place = engine.Place(folder / "runs", folder / "data")
+    place.data.mkdir(parents=True)
+    write_pair_lmdbs(images, pairs, 0, place.data / "pairs_train_lmdb", place.data / "pairs_train_labels_lmdb")
+    for kind in ("", "_labels"):
+        (place.data / f"pairs_val{kind}_lmdb").symlink_to(place.data / f"pairs_train{kind}_lmdb")
+    never = exp.run("egomotion").solver_override
+    never.test_interval = never.snapshot = 10**9
+    never.test_initialization = False
+    return engine.resolve(exp, place, engine.Job("egomotion"))

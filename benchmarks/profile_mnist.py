@@ -35,26 +35,19 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import handwritten  # noqa: E402
-from common import caffe_ms, emit, figure, ref  # noqa: E402
+from common import caffe_ms, emit, figure, mnist_egomotion_run, ref  # noqa: E402
 
 PHASES = ("data", "forward", "backward", "update")
 
 
 def build_trainer(folder: Path, images):
-    from converter import caffe_pb2
     from converter.io import read_solver
-    from data_prep.mnist import write_pair_lmdbs
-    from runner.experiments.mnist import fill_net, write_run
     from runner.train import Trainer, TrainOptions
 
-    write_pair_lmdbs(images, 5_000, 0, folder / "p", folder / "l")
-    sources = {("pairs", caffe_pb2.TRAIN): str(folder / "p"), ("motion", caffe_pb2.TRAIN): str(folder / "l"),
-               ("pairs", caffe_pb2.TEST): str(folder / "p"), ("motion", caffe_pb2.TEST): str(folder / "l")}
-    net = fill_net("egomotion", sources, {caffe_pb2.TRAIN: 125, caffe_pb2.TEST: 125})
-    write_run(folder / "run", net, "egomotion", 0.01, 1, 1, 10**9, 10**9, seed=1701)
-    sp = read_solver(folder / "run" / "solver.prototxt")
+    solver = mnist_egomotion_run(folder, images, 5_000)
+    sp = read_solver(solver)
     with contextlib.redirect_stderr(io.StringIO()):
-        return Trainer(sp, str(folder / "run" / "solver.prototxt"), TrainOptions(progress=False, quiet=True))
+        return Trainer(sp, str(solver), TrainOptions(progress=False, quiet=True))
 
 
 def time_ours(trainer, iters: int, warmup: int = 5) -> dict[str, list[float]]:

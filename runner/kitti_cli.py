@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 from converter.errors import CaffeError
 from data_prep import kitti
+from runner.curves import read_curves
 
 
 def add_kitti_parsers(sub: argparse._SubParsersAction) -> None:
@@ -78,21 +77,6 @@ def run_pairs(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------
 # Per-head curves (``egomotion plot`` draws the smoothed total loss, the lr and the test outputs)
 # ---------------------------------------------------------------------------------------------------
-def read_curves(path: str | Path) -> dict[str, list[tuple[float, float]]]:
-    """``train.csv`` rows (iter, seconds, phase, name, value) as {"phase name": [(iter, value), ...]}."""
-    curves: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    try:
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                try:
-                    curves[f"{row['phase']} {row['name']}"].append((float(row["iter"]), float(row["value"])))
-                except (KeyError, TypeError, ValueError):
-                    continue
-    except OSError as e:
-        raise CaffeError(f"{path}: cannot read ({e.strerror})") from None
-    return dict(curves)
-
-
 def plot_heads(csv_path: str | Path, output: str | Path, title: str = "", classes: int = 20) -> None:
     """Each head's loss and accuracy, train and test, against the iteration, with the chance level."""
     import matplotlib

@@ -1,0 +1,358 @@
+"""One engine for every experiment folder: ``python -m runner.experiments train|eval EXPERIMENT``.
+
+``train`` makes the data stages and trains the TRAIN-stage runs; ``eval`` trains the EVAL-stage runs
+(fine-tuning grids, probes) and writes ``runs/<experiment>/<scale>/results.{md,csv}`` and plots. Every
+training is a plain ``egomotion train`` of prototxts the engine resolves into the run folder:
+
+    runs/<experiment>/<scale>/<run>/[<labels>_seed<seed>/]
+        net.prototxt, solver.prototxt   the experiment's files with data paths, batch sizes and the scale's
+                                        overrides applied: ``egomotion train --solver solver.prototxt`` reruns it
+        overrides.txt                   every value the scale (or the grid) changed, one per line
+        train.log, train.csv            Caffe's log and the numbers behind it
+        test.log                        the final measure (``egomotion test`` over the whole test set)
+        curves.png                      loss, lr and test outputs over the iterations (a training run)
+        snap_iter_N.caffemodel/.solverstate, CHOSEN (the snapshot the rule picked), result.json
+
+A run folder that holds snapshots resumes from the newest one; a run with ``CHOSEN`` or ``result.json`` is
+done and is not trained again. Nothing here holds a value a net trains with: it is all in the folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from converter import caffe_pb2, experiment_pb2
+from converter.errors import CaffeError
+from converter.io import read_net, read_solver, write_message
+from runner.curves import last_values, read_curves
+from runner.experiments import data_stages
+from runner.experiments.spec import Experiment, merge
+
+Rule = experiment_pb2.SnapshotRule
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training of a run: the run's name and, in a grid, its label count and seed."""
+
+    run: str
+    labels: int | None = None
+    seed: int | None = None
+
+    def label(self) -> str:
+        return self.run if self.labels is None else f"{self.run} {self.labels} labels seed {self.seed}"
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where an experiment at one scale keeps its data and runs."""
+
+    runs: Path
+    data: Path
+
+    @staticmethod
+    def of(exp: Experiment, runs: str | Path = "runs", data: str | Path = "data") -> Place:
+        return Place(Path(runs) / exp.name / exp.scale, Path(data) / exp.name / exp.scale)
+
+    def folder(self, job: Job) -> Path:
+        base = self.runs / job.run
+        return base if job.labels is None else base / f"{job.labels}_seed{job.seed}"
+
+
+def jobs_of(run: experiment_pb2.RunParameter) -> list[Job]:
+    if not run.label_count:
+        return [Job(run.name)]
+    seeds = list(run.seed) or [run.solver_override.random_seed]
+    return [Job(run.name, n, s) for n in run.label_count for s in seeds]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resolving a run's prototxts
+# ----------------------------------------------------------------------------------------------------
+def resolve(exp: Experiment, place: Place, job: Job) -> Path:
+    """Write the run folder's net.prototxt, solver.prototxt and overrides.txt; return the solver's path."""
+    run = exp.run(job.run)
+    folder = place.folder(job)
+    folder.mkdir(parents=True, exist_ok=True)
+    solver_file = exp.path(run.solver)
+    solver = read_solver(solver_file)
+    # The net is the experiment folder's file of the name the solver gives (so a copied folder trains its
+    # own copy of the net, whatever folder the solver's path names).
+    net_file = exp.path(Path(solver.net).name)
+    net = read_net(net_file)
+    notes = [f"{line}" for line in exp.overrides if line.startswith(f"run {run.name}:")]
+    fill = {"labels": job.labels, "seed": job.seed}
+    for lp in net.layer:
+        _retarget(lp, exp, place, fill, f"{net_file}: layer '{lp.name}'")
+        phases = {r.phase for r in lp.include if r.HasField("phase")}
+        for phase, size in ((caffe_pb2.TRAIN, run.train_batch_size), (caffe_pb2.TEST, run.test_batch_size)):
+            if size and phase in phases and lp.type in ("Data", "ImageData"):
+                _data_param(lp).batch_size = size
+    override = experiment_pb2.RunParameter().solver_override
+    override.CopyFrom(run.solver_override)
+    if job.seed is not None and run.seed_solver:
+        override.random_seed = job.seed
+        notes.append(f"grid: labels {job.labels}, seed {job.seed} (random_seed = {job.seed})")
+    merge(solver, override)
+    solver.net = str(folder / "net.prototxt")
+    solver.snapshot_prefix = str(folder / "snap")
+    write_message(folder / "net.prototxt", net)
+    write_message(folder / "solver.prototxt", solver)
+    (folder / "overrides.txt").write_text(
+        f"# {exp.name} at scale {exp.scale}: {solver_file} and {net_file}, changed as follows\n"
+        + "".join(f"{line}\n" for line in notes or ["(nothing)"]))
+    return folder / "solver.prototxt"
+
+
+def _data_param(lp: caffe_pb2.LayerParameter):
+    return lp.image_data_param if lp.type == "ImageData" else lp.data_param
+
+
+def _retarget(lp: caffe_pb2.LayerParameter, exp: Experiment, place: Place, fill: dict, where: str) -> None:
+    """Data paths under the experiment's data_root move to this scale's data folder; {labels} and {seed}
+    take the grid's values."""
+    root = exp.param.data_root.rstrip("/")
+
+    def moved(path: str) -> str:
+        if root and (path == root or path.startswith(root + "/")):
+            path = str(place.data) + path[len(root):]
+        if "{" in path:
+            missing = [k for k, v in fill.items() if "{" + k + "}" in path and v is None]
+            if missing:
+                raise CaffeError(f"{where}: '{path}' names {{{missing[0]}}}, but this run is not a grid")
+            path = path.format(**{k: v for k, v in fill.items() if v is not None})
+        return path
+
+    if lp.type in ("Data", "ImageData"):
+        param = _data_param(lp)
+        if param.source:
+            param.source = moved(param.source)
+    if lp.transform_param.mean_file:
+        lp.transform_param.mean_file = moved(lp.transform_param.mean_file)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training, the snapshot rule, the measure
+# ----------------------------------------------------------------------------------------------------
+def snapshots(folder: Path, suffix: str) -> dict[int, Path]:
+    """``{N: snap_iter_N<suffix>}`` in ``folder`` (``.caffemodel`` or ``.solverstate``)."""
+    found = {}
+    for path in folder.glob(f"snap_iter_*{suffix}"):
+        it = path.name.removeprefix("snap_iter_").removesuffix(suffix)
+        if it.isdigit():
+            found[int(it)] = path
+    return found
+
+
+def train(solver_path: Path, weights: Path | None, gpu: str | None = None) -> None:
+    """``egomotion train [--weights W]`` in this process, its console output into the run folder. A folder
+    that holds snapshots resumes from the newest (``--snapshot``), appending to the log and CSV."""
+    from runner.train import TrainOptions, run
+
+    folder = solver_path.parent
+    states = snapshots(folder, ".solverstate")
+    if states:
+        say(f"{folder}: resuming from {states[max(states)].name}")
+        opts = TrainOptions(snapshot=str(states[max(states)]), gpu=gpu)
+    else:
+        opts = TrainOptions(weights=[str(weights)] if weights else [], gpu=gpu)
+    with open(folder / "console.txt", "a" if states else "w") as console, contextlib.redirect_stderr(console):
+        run(read_solver(solver_path), str(solver_path), opts)
+
+
+def choose_snapshot(folder: Path, rule: experiment_pb2.SnapshotRule) -> Path:
+    """The snapshot ``rule`` names, from the run's snapshots and its train.csv."""
+    snaps = snapshots(folder, ".caffemodel")
+    if not snaps:
+        raise CaffeError(f"{folder}: no snapshot to choose from (is snapshot 0 in the solver?)")
+    if rule.rule == Rule.LAST:
+        return snaps[max(snaps)]
+    if rule.rule == Rule.LAST_RECORDED:
+        max_iter = read_solver(folder / "solver.prototxt").max_iter
+        before = [it for it in snaps if it < max_iter]
+        return snaps[max(before)] if before else snaps[max(snaps)]
+    curves = read_curves(folder / "train.csv")
+    if rule.rule == Rule.LOWEST_TRAIN_LOSS:
+        values = {it: v for it, v in last_values(curves.get("train smoothed_loss", [])).items() if it in snaps}
+        return snaps[min(values, key=values.get)] if values else snaps[max(snaps)]
+    values = {it: v for it, v in last_values(curves.get(f"test0 {rule.output}", [])).items() if it in snaps}
+    if not values:
+        raise CaffeError(f"{folder}: the snapshot rule BEST_TEST needs test '{rule.output}' at a snapshot iteration")
+    return snaps[max(values, key=values.get)]
+
+
+def test_iterations(net_path: Path) -> tuple[str, int]:
+    """(the TEST Data layer's source, batches covering every record once): ``egomotion test`` of that many
+    iterations scores the whole test set."""
+    from data_prep.lmdb_io import LMDBReader
+
+    net = read_net(net_path)
+    for lp in net.layer:
+        if lp.type == "Data" and any(r.phase == caffe_pb2.TEST for r in lp.include):
+            with LMDBReader(lp.data_param.source) as reader:
+                return lp.data_param.source, math.ceil(len(reader) / lp.data_param.batch_size)
+    raise CaffeError(f"{net_path}: no TEST-phase Data layer to measure on")
+
+
+def measure(folder: Path, weights: Path, spec: experiment_pb2.Measure, gpu: str | None = None) -> dict:
+    """``egomotion test`` of the final weights over the whole test set (its log in test.log): the mean over
+    every batch and the last batch alone; with best_test also the best test output during training."""
+    from runner.test_cmd import score
+    from runner.train import Log
+
+    source, iterations = test_iterations(folder / "net.prototxt")
+    with open(folder / "console.txt", "a") as console, contextlib.redirect_stderr(console):
+        log = Log(str(folder / "test.log"))
+        try:
+            result = score(str(folder / "net.prototxt"), [str(weights)], iterations, gpu=gpu, log=log)
+        finally:
+            log.close()
+    if spec.output not in result.means:
+        raise CaffeError(f"{folder / 'net.prototxt'}: the TEST net has no output '{spec.output}' "
+                         f"(outputs: {', '.join(result.means)})")
+    out = {"value": result.means[spec.output], "last_batch": result.last[spec.output], "test_batches": iterations}
+    if spec.best_test:
+        during = [v for _, v in read_curves(folder / "train.csv").get(f"test0 {spec.output}", [])]
+        out["best_test"] = max([out["value"], *during])
+    return out
+
+
+def weights_for(exp: Experiment, place: Place, run: experiment_pb2.RunParameter) -> Path | None:
+    """The snapshot this run starts from: another run's chosen one, or a file (``{scale}`` filled in)."""
+    if not run.weights:
+        return None
+    if any(r.name == run.weights for r in exp.param.run):
+        marker = place.folder(Job(run.weights)) / "CHOSEN"
+        if not marker.exists():
+            raise CaffeError(f"run '{run.name}' needs the pre-trained '{run.weights}' ({marker} is missing): "
+                             f"run `make train EXP={exp.name} SCALE={exp.scale}` first")
+        return Path(marker.read_text().strip())
+    path = Path(run.weights.format(scale=exp.scale))
+    if not path.is_file():
+        raise CaffeError(f"run '{run.name}': no pre-trained weights {path}")
+    return path
+
+
+def run_job(experiment: str, scale: str, runs: str, data: str, job: Job, gpu: str | None = None) -> dict:
+    """Train one job (resuming or skipping what is done) and return its record: the chosen snapshot of a
+    training run, the measure of a grid run. Takes names, not objects, so it can run in a worker process."""
+    from runner.experiments.spec import load
+
+    exp = load(experiment, scale)
+    place = Place.of(exp, runs, data)
+    run = exp.run(job.run)
+    folder = place.folder(job)
+    result_file = folder / "result.json"
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    start = time.perf_counter()
+    solver = resolve(exp, place, job)
+    train(solver, weights_for(exp, place, run), gpu)
+    rule = run.snapshot_rule if run.HasField("snapshot_rule") else exp.param.snapshot_rule
+    record = {"run": job.run, "labels": job.labels, "seed": job.seed, "seconds": round(time.perf_counter() - start)}
+    if run.HasField("measure"):
+        final = snapshots(folder, ".caffemodel")
+        record.update(measure(folder, final[max(final)], run.measure, gpu), snapshot=final[max(final)].name)
+    else:
+        from runner.plot import draw, parse_log
+
+        draw(parse_log(folder / "train.log"), folder / "curves.png", f"{exp.name} {run.name} ({exp.scale})")
+        chosen = choose_snapshot(folder, rule)
+        (folder / "CHOSEN").write_text(f"{chosen}\n")
+        record.update(snapshot=chosen.name, rule=Rule.Rule.Name(rule.rule))
+        if run.final_copy:
+            import shutil
+
+            shutil.copyfile(chosen, place.runs / f"{run.name}.caffemodel")
+    result_file.write_text(json.dumps(record))
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------------------------------
+def run_jobs(fn: Callable, jobs: list[tuple], workers: int, done: Callable) -> list:
+    """``fn(*job)`` for every job, in ``workers`` processes with the cores split between them (each sets its
+    thread count from its share); ``done(k, job, result)`` as each ends. Results come back in the jobs' order."""
+    import torch
+
+    results: dict[int, object] = {}
+    if workers <= 1:
+        for k, job in enumerate(jobs):
+            results[k] = fn(*job)
+            done(len(results), job, results[k])
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        threads = max(1, usable_cpus() // workers)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+            futures = {pool.submit(fn, *job): k for k, job in enumerate(jobs)}
+            for future in as_completed(futures):
+                k = futures[future]
+                results[k] = future.result()
+                done(len(results), jobs[k], results[k])
+    return [results[k] for k in range(len(jobs))]
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def stage_jobs(exp: Experiment, stage: int) -> list[Job]:
+    return [job for run in exp.param.run if run.stage == stage for job in jobs_of(run)]
+
+
+def train_stage(exp: Experiment, place: Place, workers: int, gpu: str | None) -> list[dict]:
+    for stage in exp.param.data:
+        data_stages.make(stage, place.data, say)
+    return _run_stage(exp, place, experiment_pb2.RunParameter.TRAIN, workers, gpu)
+
+
+def _run_stage(exp: Experiment, place: Place, stage: int, workers: int, gpu: str | None) -> list[dict]:
+    jobs = stage_jobs(exp, stage)
+    start = time.perf_counter()
+    for job in jobs:
+        if job.labels is None and not (place.folder(job) / "result.json").exists():
+            say(f"{job.run}: training (log: {place.folder(job) / 'train.log'})")
+
+    def done(k: int, args: tuple, record: dict) -> None:
+        job = args[4]
+        elapsed = time.perf_counter() - start
+        what = (f"{record['value']:.4f} (last batch {record['last_batch']:.3f})" if "value" in record
+                else f"{record['snapshot']} ({record['rule']})")
+        eta = elapsed / k * (len(jobs) - k)
+        say(f"[{k}/{len(jobs)}] {job.label()}: {what}; {record['seconds']} s; ETA {eta:.0f} s")
+
+    args = [(str(exp.folder), exp.scale, str(place.runs.parents[1]), str(place.data.parents[1]), job, gpu)
+            for job in jobs]
+    return run_jobs(run_job, args, workers, done)
+
+
+def eval_stage(exp: Experiment, place: Place, workers: int, gpu: str | None) -> list[dict]:
+    from runner.experiments.results import write_results
+
+    missing = [r.name for r in exp.param.run if r.stage == experiment_pb2.RunParameter.TRAIN
+               and not all((place.folder(j) / "CHOSEN").exists() for j in jobs_of(r))]
+    if missing:
+        raise CaffeError(f"no pre-trained {', '.join(missing)} in {place.runs}: "
+                         f"run `make train EXP={exp.name} SCALE={exp.scale}` first")
+    records = _run_stage(exp, place, experiment_pb2.RunParameter.EVAL, workers, gpu)
+    say(write_results(exp, place, records))
+    return records

@@ -1,0 +1,161 @@
+"""The experiment engine (runner/experiments/): an experiment folder obeys its prototxts, scales override
+them visibly, runs resume, the snapshot rules pick what they say, and results come out."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from converter import experiment_pb2
+from converter.errors import CaffeError
+from runner.experiments import engine, spec
+from runner.experiments.__main__ import main
+from tests.test_mnist import mnist_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def mnist_env(monkeypatch):
+    monkeypatch.setenv("MNIST_DIR", str(mnist_dir()))
+
+
+def edit(path: Path, old: str, new: str, count: int = -1) -> None:
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new, count))
+
+
+def test_a_copied_experiment_trains_with_its_own_edited_values(tmp_path, mnist_env):
+    """The user's habit: copy prototxt/mnist, edit a learning rate, a margin and a batch size, `make train`."""
+    copy = tmp_path / "my_copy"
+    shutil.copytree(ROOT / "prototxt" / "mnist", copy)
+    edit(copy / "egomotion_solver.prototxt", "base_lr: 0.01\n", "base_lr: 0.0234\n")
+    edit(copy / "sfa_train_val.prototxt", "margin: 10 }", "margin: 7.5 }")
+    edit(copy / "egomotion_train_val.prototxt", 'source: "data/mnist/pairs_train_lmdb" batch_size: 125',
+         'source: "data/mnist/pairs_train_lmdb" batch_size: 50')
+    edit(copy / "egomotion_train_val.prototxt", 'source: "data/mnist/pairs_train_labels_lmdb" batch_size: 125',
+         'source: "data/mnist/pairs_train_labels_lmdb" batch_size: 50')
+    done = subprocess.run(["make", "-s", "train", f"EXP={copy}", "SCALE=smoke", f"RUNS={tmp_path / 'runs'}",
+                           f"DATA={tmp_path / 'data'}", f"PY={sys.executable}"], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "MNIST_DIR": str(mnist_dir())})
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = tmp_path / "runs" / "my_copy" / "smoke"
+    assert "base_lr: 0.0234" in (runs / "egomotion" / "solver.prototxt").read_text()
+    assert "Iteration 0, lr = 0.0234" in (runs / "egomotion" / "train.log").read_text()
+    net = (runs / "egomotion" / "net.prototxt").read_text()
+    assert net.count("batch_size: 50") == 2 and str(tmp_path / "data" / "my_copy" / "smoke") in net
+    assert "margin: 7.5" in (runs / "sfa10" / "net.prototxt").read_text()
+    assert "margin10" in (runs / "sfa10" / "solver.prototxt").read_text()
+    # the scale's overrides were printed and are listed in the run folder
+    assert "scale smoke: run sfa10: train_batch_size = 25" in done.stdout
+    listed = (runs / "sfa10" / "overrides.txt").read_text()
+    assert "train_batch_size = 25" in listed and "solver_override.max_iter = 20" in listed
+    assert "batch_size: 25" in (runs / "sfa10" / "net.prototxt").read_text()
+
+
+def test_mnist_smoke_end_to_end_resumes_and_reuses(tmp_path, capsys, mnist_env):
+    argv = ["mnist", "--scale", "smoke", "--runs", str(tmp_path / "runs"), "--data", str(tmp_path / "data")]
+    assert main(["eval", *argv]) == 2  # nothing pre-trained yet: one clear line
+    assert "make train EXP=mnist SCALE=smoke" in capsys.readouterr().err
+    assert main(["train", *argv]) == 0
+    runs = tmp_path / "runs" / "mnist" / "smoke"
+    for name in ("egomotion", "sfa10", "sfa100"):
+        assert (runs / name / "CHOSEN").exists() and (runs / name / "curves.png").exists()
+        assert (runs / name / "train.log").read_text().count("Iteration 0, Testing net (#0)") == 1
+    # an interrupted pre-training (its last snapshot and records gone) resumes from its newest snapshot
+    for leftover in ("CHOSEN", "result.json", "snap_iter_20.caffemodel", "snap_iter_20.solverstate"):
+        (runs / "sfa10" / leftover).unlink()
+    capsys.readouterr()
+    assert main(["train", *argv]) == 0
+    out = capsys.readouterr().out
+    assert "sfa10: resuming from snap_iter_10.solverstate" in out
+    assert "Restoring previous solver status from" in (runs / "sfa10" / "train.log").read_text()
+    assert (runs / "sfa10" / "snap_iter_20.caffemodel").exists()
+    assert main(["eval", *argv, "--jobs", "2"]) == 0
+    rows = list(csv.DictReader(open(runs / "results.csv")))
+    assert sorted(r["run"] for r in rows) == ["finetune_egomotion", "finetune_sfa10", "finetune_sfa100", "scratch"]
+    for r in rows:
+        assert 0.0 <= float(r["accuracy_full_test"]) <= 1.0
+        # the thesis's measure is one batch of 125 digits: a multiple of 1/125
+        assert float(r["accuracy_last_batch"]) * 125 == pytest.approx(round(float(r["accuracy_last_batch"]) * 125),
+                                                                      abs=1e-3)
+    scored = (runs / "finetune_egomotion" / "100_seed1" / "test.log").read_text()  # `caffe test`'s log
+    assert "Batch 79, accuracy = " in scored and "Batch 80," not in scored  # 10,000 digits / 125
+    assert "random_seed: 1" in (runs / "scratch" / "100_seed1" / "solver.prototxt").read_text()
+    table = (runs / "results.md").read_text()
+    assert "| egomotion |" in table and "[0.75]" in table and "last test batch" in table
+    assert "| labels | egomotion − from scratch |" in table and "more than 5 points from the thesis" in table
+    assert (runs / "accuracy.png").stat().st_size > 1000 and (runs / "pretraining_loss.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert main(["train", *argv]) == 0  # everything done before is reused, not redone
+    out = capsys.readouterr().out
+    assert out.count("is ready") == 2 and "training (log" not in out
+
+
+def snaps(folder: Path, *iters: int) -> None:
+    for it in iters:
+        (folder / f"snap_iter_{it}.caffemodel").write_bytes(b"")
+
+
+def test_snapshot_rules(tmp_path):
+    snaps(tmp_path, 1000, 2000, 3000)
+    (tmp_path / "solver.prototxt").write_text('max_iter: 3000\nlr_policy: "fixed"\n')
+    (tmp_path / "train.csv").write_text(
+        "iter,seconds,phase,name,value\n"
+        "1000,1,train,smoothed_loss,0.5\n2000,2,train,smoothed_loss,0.2\n2500,3,train,smoothed_loss,0.1\n"
+        "2000,4,train,smoothed_loss,0.9\n"  # resumed from 1000: iteration 2000 again, now worse
+        "3000,5,train,smoothed_loss,0.4\n1000,5,test0,accuracy,0.7\n2000,5,test0,accuracy,0.6\n")
+    Rule = experiment_pb2.SnapshotRule
+
+    def pick(**kw) -> str:
+        return engine.choose_snapshot(tmp_path, experiment_pb2.SnapshotRule(**kw)).name
+
+    assert pick(rule=Rule.LAST) == "snap_iter_3000.caffemodel"
+    assert pick(rule=Rule.LAST_RECORDED) == "snap_iter_2000.caffemodel"  # the thesis: 39,000 of 40,000
+    assert pick(rule=Rule.LOWEST_TRAIN_LOSS) == "snap_iter_3000.caffemodel"  # 0.9 at 2000 after the resume
+    assert pick(rule=Rule.BEST_TEST) == "snap_iter_1000.caffemodel"
+    with pytest.raises(CaffeError, match="BEST_TEST needs test 'top5'"):
+        pick(rule=Rule.BEST_TEST, output="top5")
+
+
+def test_scale_overrides_replace_fields_and_are_listed():
+    exp = spec.load("mnist", "demo")
+    sfa = exp.run("sfa10")
+    assert sfa.solver_override.max_iter == 3000 and sfa.train_batch_size == 125
+    assert "run sfa10: train_batch_size = 125" in exp.overrides
+    assert exp.data_stage("pairs").mnist_pairs.train_pairs == 60000
+    assert exp.data_stage("pairs").mnist_pairs.val_seed == 1  # untouched fields keep the experiment's value
+    smoke = spec.load("mnist", "smoke")
+    assert list(smoke.run("scratch").label_count) == [100]  # repeated fields are replaced whole
+    full = spec.load("mnist", "full")
+    assert full.overrides == [] and list(full.run("scratch").label_count) == [100, 300, 1000, 10000]
+
+
+@pytest.mark.parametrize("text, message", [
+    ('run { name: "a" solver: "nope.prototxt" }', "no such solver"),
+    ('run { name: "a" solver: "egomotion_solver.prototxt" weights: "b" }', "takes its weights from 'b'"),
+    ('run { name: "a" solver: "egomotion_solver.prototxt" } run { name: "a" solver: "egomotion_solver.prototxt" }',
+     "run 'a' is defined twice"),
+    ('run { name: "a" solver: "egomotion_solver.prototxt" } scale { name: "demo" run { name: "b" } }',
+     "overrides run 'b', which the experiment does not define"),
+    ('run { name: "a" solver: "egomotion_solver.prototxt" max_iter: 3 }', "experiment.prototxt:1:"),
+])
+def test_experiment_mistakes_are_one_line(tmp_path, text, message):
+    shutil.copy(ROOT / "prototxt" / "mnist" / "egomotion_solver.prototxt", tmp_path)
+    (tmp_path / "experiment.prototxt").write_text(text + "\n")
+    with pytest.raises(CaffeError, match=message):
+        spec.load(str(tmp_path), "demo")
+
+
+def test_no_such_experiment_or_scale(capsys):
+    assert main(["train", "nope"]) == 2
+    assert "no experiment 'nope'" in capsys.readouterr().err and True
+    assert main(["train", "mnist", "--scale", "huge"]) == 2
+    assert "no scale 'huge' (scales: full, demo, smoke)" in capsys.readouterr().err
