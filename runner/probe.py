@@ -19,8 +19,9 @@ Two probe definitions (``--probe``):
     relu3–relu5 (13×13 maps, no pooling) — a 2-layer MLP. Solver: 10 000 iterations, base_lr 0.001
     (constant in effect: the step at 10 000 never fires), batch 125.
 
-Both use Caffe's SGD (``v = m·v + lr·(g + wd·w)``, momentum 0.9, weight_decay 5e-4, weights lr_mult 1 /
-decay 1, biases lr_mult 2 / decay 0), mini-batches read in order from a seeded shuffle with wrap-around
+Both train through runner/solver.py's Caffe SGD (``v = m·v + lr·(g + wd·w)``, momentum 0.9, weight_decay
+5e-4, weights lr_mult 1 / decay 1, biases lr_mult 2 / decay 0), mini-batches read in order from a seeded
+shuffle with wrap-around
 (Caffe's DataLayer over a ``convert_imageset --shuffle`` LMDB), fillers gaussian 0.005 / constant 1 (the
 thesis' fc fillers; the paper's ``class_fc`` fillers are not public, the same are used). Accuracy is over
 *all* test images of the split — the method — not the thesis' last-batch-of-125 figure
@@ -37,6 +38,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,6 +51,7 @@ from torch import nn
 from converter import caffe_pb2
 from converter.errors import CaffeError
 from runner.probe_data import ImageSource, Sample, read_list, read_lmdb, split, sun_partition
+from runner.solver import Solver
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,14 @@ class ProbeConfig:
             if v is not None:
                 setattr(base, k, v)
         return base
+
+    def solver(self, max_iter: int, stepsize: int | None) -> caffe_pb2.SolverParameter:
+        """The definition as a Caffe solver (SGD; "step" when the definition steps, else "fixed")."""
+        sp = caffe_pb2.SolverParameter(type="SGD", base_lr=self.base_lr, momentum=self.momentum,
+                                       weight_decay=self.weight_decay, max_iter=max_iter, lr_policy="fixed")
+        if stepsize:
+            sp.lr_policy, sp.gamma, sp.stepsize = "step", self.gamma, stepsize
+        return sp
 
     def schedule(self, num_train: int) -> tuple[int, int | None]:
         """(max_iter, stepsize): explicit values, else the definition's (the paper's is per epoch)."""
@@ -231,34 +242,37 @@ def train_probe(x: torch.Tensor, y: torch.Tensor, classes: int, config: ProbeCon
 
 
 def _train_probe(x, y, classes, config, hidden, seed):
-    device = x.device
     g = torch.Generator().manual_seed(seed)
-    probe = Probe(x.shape[1], classes, hidden, config.dropout, config.weight_std, config.bias_value, g).to(device)
+    probe = Probe(x.shape[1], classes, hidden, config.dropout, config.weight_std, config.bias_value, g).to(x.device)
     max_iter, step = config.schedule(len(x))
-    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(x))).to(device)
-    history = {id(p): torch.zeros_like(p) for p in probe.parameters()}
-    mults = {id(layer.weight): (1.0, 1.0) for layer in probe.layers}
-    mults.update({id(layer.bias): (2.0, 0.0) for layer in probe.layers})
-    torch.manual_seed(seed)  # dropout masks
-    losses = []
+    params = [p for layer in probe.layers for p in (layer.weight, layer.bias)]
+    mults = [m for _ in probe.layers for m in ((1.0, 1.0), (2.0, 0.0))]  # weights 1/1, biases 2/0
+    solver = Solver(config.solver(max_iter, step), params, [m[0] for m in mults], [m[1] for m in mults])
     probe.train()
-    b = config.batch_size
-    for it in range(max_iter):
-        idx = order[(it * b + torch.arange(b, device=device)) % len(x)]
-        loss = nn.functional.cross_entropy(probe(x[idx]), y[idx])
-        probe.zero_grad(set_to_none=False)
-        loss.backward()
-        lr = config.base_lr * (config.gamma ** (it // step) if step else 1.0)
-        with torch.no_grad():
-            for p in probe.parameters():
-                lr_mult, decay_mult = mults[id(p)]
-                grad = p.grad + config.weight_decay * decay_mult * p if decay_mult else p.grad
-                v = history[id(p)]
-                v.mul_(config.momentum).add_(grad, alpha=lr * lr_mult)
-                p.sub_(v)
-        losses.append(loss.item())
+    losses = solver_loop(lambda xb, yb: nn.functional.cross_entropy(probe(xb), yb), solver, x, y,
+                         config.batch_size, seed)
     probe.eval()
     return probe, losses
+
+
+def solver_loop(loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], solver: Solver, x: torch.Tensor,
+                y: torch.Tensor, batch: int, seed: int) -> list[float]:
+    """``solver.sp.max_iter`` iterations of Caffe's Solver::Step on in-memory features: mini-batches read in
+    order from a seeded shuffle with wrap-around (a DataLayer over a ``convert_imageset --shuffle`` LMDB);
+    returns the per-iteration losses."""
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(x))).to(x.device)
+    torch.manual_seed(seed)  # dropout masks
+    losses = []
+    for it in range(solver.sp.max_iter):
+        idx = order[(it * batch + torch.arange(batch, device=x.device)) % len(x)]
+        for p in solver.params:
+            p.grad = None
+        loss = loss_of(x[idx], y[idx])
+        loss.backward()
+        solver.apply_update()
+        solver.iter += 1
+        losses.append(loss.item())
+    return losses
 
 
 @torch.no_grad()

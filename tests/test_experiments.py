@@ -159,3 +159,44 @@ def test_no_such_experiment_or_scale(capsys):
     assert "no experiment 'nope'" in capsys.readouterr().err and True
     assert main(["train", "mnist", "--scale", "huge"]) == 2
     assert "no scale 'huge' (scales: full, demo, smoke)" in capsys.readouterr().err
+
+
+SUN = ROOT.parent / "shared" / "data" / "sun_subset8"
+IMAGENET = ROOT.parent / "shared" / "data" / "imagenet_samples"
+
+
+def test_transfer_images_from_class_folders_and_tables(tmp_path, monkeypatch):
+    if not SUN.is_dir() or not IMAGENET.is_dir():
+        pytest.skip("../shared/data/sun_subset8 or imagenet_samples is absent")
+    from runner.experiments import data_stages
+
+    exp = spec.load("transfer", "demo")
+    monkeypatch.delenv("IMAGENET_DIR", raising=False)
+    monkeypatch.setenv("SUN_DIR", str(SUN))
+    # a missing ImageNet folder stops the experiment at the data stages, before any probe trains
+    with pytest.raises(CaffeError, match="IMAGENET_DIR is not set"):
+        engine.make_data(exp, engine.Place(tmp_path / "runs", tmp_path / "data"))
+    lines = (tmp_path / "data" / "sun397" / "train_5_p1.txt").read_text().splitlines()
+    assert len(lines) == 8 * 5 and lines[0].endswith(" 0") and "/train/aquarium/" in lines[0]
+    assert len((tmp_path / "data" / "sun397" / "test_10_p1.txt").read_text().splitlines()) == 80
+    sun = exp.data_stage("sun").image_set
+    sun.per_class[:] = [20]  # the thesis's 20 per class exceeds the sample's 10: refused in one line
+    with pytest.raises(CaffeError, match="20 images per class asked, but the largest class holds 10"):
+        data_stages.image_set(sun, tmp_path / "x", print)
+    imagenet = exp.data_stage("imagenet").image_set
+    monkeypatch.setenv("IMAGENET_DIR", str(IMAGENET))
+    (train, test), = data_stages.image_pools(imagenet)
+    assert len(train) == 100 and test is train and train[1].label == 10 and train[1].ref.endswith("brambling.JPEG")
+
+
+def test_probe_head_is_the_probe_net_without_the_tower():
+    from converter.io import read_net
+    from runner.experiments.probes import head
+
+    tower = {lp.name for lp in read_net(ROOT / "prototxt" / "kitti" / "bcnn_deploy.prototxt").layer}
+    probe_net = read_net(ROOT / "prototxt" / "transfer" / "sun397_probe_train_val.prototxt")
+    l1 = head(probe_net, "L1", tower, 125, {"norm1": 96 * 27 * 27})
+    assert [lp.name for lp in l1.layer] == ["features", "fc_L1", "loss"]
+    assert list(l1.layer[0].top) == ["norm1", "label"] and list(l1.layer[0].input_param.shape[0].dim) == [125, 69984]
+    l3 = head(probe_net, "L3", tower, 125, {"conv3": 10})
+    assert [lp.name for lp in l3.layer] == ["features", "fc_prev_L3", "relu_prev", "fc_mlp", "loss"]

@@ -106,8 +106,8 @@ def image_pools(p: experiment_pb2.ImageSetParameter) -> list[tuple[list[Sample],
     folder = Path(folder)
     partitions = list(p.partition) or [1]
     if p.train_list:
-        train = read_list(folder / p.train_list, folder / p.train_root)
-        test = read_list(folder / p.test_list, folder / p.test_root) if p.test_list else None
+        train = image_list(folder / p.train_list, folder / p.train_root)
+        test = image_list(folder / p.test_list, folder / p.test_root) if p.test_list else None
         return [(train, train if p.test_is_train else test)] * len(partitions)
     if any((folder / sub / f"Training_{k:02d}.txt").exists() for sub in ("", "Partitions") for k in partitions):
         return [sun_partition(folder, k)[:2] for k in partitions]
@@ -122,6 +122,26 @@ def image_pools(p: experiment_pb2.ImageSetParameter) -> list[tuple[list[Sample],
         return [(folder_samples(folder, classes), None)] * len(partitions)
     raise CaffeError(f"{folder}: no SUN-397 partition files (Training_01.txt), no train/ folder of classes, no "
                      "class sub-folders, and the experiment names no train_list")
+
+
+def image_list(path: Path, root: Path) -> list[Sample]:
+    """A Caffe list (``path label``), or a table with a header naming its ``file`` column and its label column
+    (``label``, ``index`` or ``class_index``), tab-separated like ImageNet's and SUN's sample tables."""
+    lines = path.read_text().splitlines() if path.is_file() else []
+    header = lines[0].split("\t") if lines else []
+    label = next((c for c in ("label", "class_index", "index") if c in header), None)
+    if "file" not in header or label is None:
+        return read_list(path, root)
+    at, lab = header.index("file"), header.index(label)
+    samples = []
+    for number, line in enumerate(lines[1:], 2):
+        fields = line.split("\t")
+        if not line.strip():
+            continue
+        if len(fields) <= max(at, lab) or not fields[lab].strip().lstrip("-").isdigit():
+            raise CaffeError(f"{path}:{number}: expected the columns of the header ({', '.join(header)})")
+        samples.append(Sample(str(root / fields[at]), int(fields[lab])))
+    return samples
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
@@ -158,7 +178,7 @@ def image_set(p: experiment_pb2.ImageSetParameter, out: Path, echo: Echo) -> Non
                 listing = out / f"{split}_{n}_p{k}.txt"
                 listing.write_text("".join(f"{s.ref} {s.label}\n" for s in samples))
                 if p.lmdb:
-                    convert_imageset("/", listing, out / f"{split}_{n}_p{k}_lmdb", shuffle=split == "train",
+                    convert_imageset("", listing, out / f"{split}_{n}_p{k}_lmdb", shuffle=split == "train",
                                      seed=p.seed, resize_height=p.resize_height, resize_width=p.resize_width,
                                      mode="overwrite")
             echo(f"data: partition {k}, {n}/class: {len(train)} training and {len(test)} test images")

@@ -257,6 +257,13 @@ def run_job(experiment: str, scale: str, runs: str, data: str, job: Job, gpu: st
     if result_file.exists():
         return json.loads(result_file.read_text())
     start = time.perf_counter()
+    if run.HasField("probe"):
+        from runner.experiments.probes import run_probe
+
+        record = {"run": job.run, "labels": None, "seed": None,
+                  "probes": run_probe(exp, place.data, folder, run), "seconds": round(time.perf_counter() - start)}
+        result_file.write_text(json.dumps(record))
+        return record
     solver = resolve(exp, place, job)
     train(solver, weights_for(exp, place, run), gpu)
     rule = run.snapshot_rule if run.HasField("snapshot_rule") else exp.param.snapshot_rule
@@ -319,9 +326,15 @@ def stage_jobs(exp: Experiment, stage: int) -> list[Job]:
     return [job for run in exp.param.run if run.stage == stage for job in jobs_of(run)]
 
 
-def train_stage(exp: Experiment, place: Place, workers: int, gpu: str | None) -> list[dict]:
+def make_data(exp: Experiment, place: Place) -> None:
+    """Every data stage, made once per scale: a missing folder (IMAGENET_DIR, say) stops the experiment
+    before any run spends its time."""
     for stage in exp.param.data:
         data_stages.make(stage, place.data, say)
+
+
+def train_stage(exp: Experiment, place: Place, workers: int, gpu: str | None) -> list[dict]:
+    make_data(exp, place)
     return _run_stage(exp, place, experiment_pb2.RunParameter.TRAIN, workers, gpu)
 
 
@@ -336,6 +349,7 @@ def _run_stage(exp: Experiment, place: Place, stage: int, workers: int, gpu: str
         job = args[4]
         elapsed = time.perf_counter() - start
         what = (f"{record['value']:.4f} (last batch {record['last_batch']:.3f})" if "value" in record
+                else f"{len(record['probes'])} probes" if "probes" in record
                 else f"{record['snapshot']} ({record['rule']})")
         eta = elapsed / k * (len(jobs) - k)
         say(f"[{k}/{len(jobs)}] {job.label()}: {what}; {record['seconds']} s; ETA {eta:.0f} s")
@@ -353,6 +367,7 @@ def eval_stage(exp: Experiment, place: Place, workers: int, gpu: str | None) -> 
     if missing:
         raise CaffeError(f"no pre-trained {', '.join(missing)} in {place.runs}: "
                          f"run `make train EXP={exp.name} SCALE={exp.scale}` first")
+    make_data(exp, place)
     records = _run_stage(exp, place, experiment_pb2.RunParameter.EVAL, workers, gpu)
     say(write_results(exp, place, records))
     return records

@@ -52,7 +52,7 @@ def write_results(exp: Experiment, place: Place, records: list[dict]) -> str:
         v = values(run, count, key)
         text = f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0:.3f}" if len(v) else "–"
         ref = thesis(run, count)
-        return text + (f" [{ref:.2f}]" if with_thesis and ref is not None else "")
+        return text + (f" [{ref:.3g}]" if with_thesis and ref is not None else "")
 
     header = ["| run | " + " | ".join(str(c) for c in counts) + " |", "|---|" + "---|" * len(counts)]
     seeds = sorted({r["seed"] for r in records if "value" in r})
@@ -68,6 +68,16 @@ def write_results(exp: Experiment, place: Place, records: list[dict]) -> str:
         lines += ["", f"The best test `{output}` seen during training (the thesis kept it):", "", *header]
         lines += [f"| {r.title or r.name} | " + " | ".join(cell(r.name, c, "best_test", False) for c in counts)
                   + " |" for r in measured if r.measure.best_test]
+    probes = [p for r in records for p in r.get("probes", [])]
+    if probes:
+        from runner.experiments.probes import table
+
+        lines += ["", "Per-layer probes: accuracy (%) on every test image of the split, mean over partitions:", "",
+                  *table(probes)]
+        with open(place.runs / "probes.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(probes[0]))
+            writer.writeheader()
+            writer.writerows(probes)
     lines += _comparison(exp, measured, counts, values, thesis)
     lines += _pretraining(exp, place)
     if exp.overrides:

@@ -105,10 +105,11 @@ def check(param: experiment_pb2.ExperimentParameter, path: Path) -> None:
         for relative in [run.solver] if run.solver else []:
             if not (path.parent / relative).is_file():
                 raise CaffeError(f"{path}: run '{run.name}': no such solver {path.parent / relative}")
-        if run.weights and run.weights not in runs:
-            raise CaffeError(f"{path}: run '{run.name}' takes its weights from '{run.weights}', which is not a run")
+        if run.weights and run.weights not in runs and not run.weights.endswith(".caffemodel"):
+            raise CaffeError(f"{path}: run '{run.name}' takes its weights from '{run.weights}', "
+                             "which is not a run (nor a .caffemodel)")
     if param.compare and param.compare not in runs:
-        raise CaffeError(f"{path}: compare names '{param.compare}', which is not a run")
+        raise CaffeError(f"{path}: compare names '{param.compare}', which is not a run (nor a .caffemodel)")
 
 
 def merge(target: pb_message.Message, override: pb_message.Message, skip: tuple[str, ...] = (), prefix: str = ""
