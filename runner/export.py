@@ -300,6 +300,7 @@ def to_onnx(net: CaffeNet, plan: DeployNet, opset: int = DEFAULT_OPSET) -> onnx.
         if batch is not None:
             other = _trace(rebatch(net, plan, batch + 1), plan, opset, batch + 1, params=False)
             free_batch_dimension(model, other)
+    name_output_dims(model, net, plan)
     model.doc_string = f"Caffe net '{plan.proto.name}' exported by egomotion (TEST phase, deploy form)"
     meta = {"caffe.net": plan.proto.name, "caffe.inputs": ",".join(plan.inputs),
             "caffe.outputs": ",".join(plan.outputs),
@@ -309,6 +310,21 @@ def to_onnx(net: CaffeNet, plan: DeployNet, opset: int = DEFAULT_OPSET) -> onnx.
         meta["caffe.transform_param"] = text_format.MessageToString(plan.transform, as_one_line=True)
     onnx.helper.set_model_props(model, meta)
     return model
+
+
+def name_output_dims(model: onnx.ModelProto, net: CaffeNet, plan: DeployNet) -> None:
+    """Each output's shape as Caffe's blob: the batch axis symbolic (``batch``, shared with the inputs, as it
+    is one batch), every other axis its fixed extent, instead of the tracer's generated names."""
+    for output in model.graph.output:
+        shape = net.blob_shapes[output.name]
+        dims = output.type.tensor_type.shape.dim
+        if len(dims) != len(shape):
+            continue
+        for i, (dim, extent) in enumerate(zip(dims, shape, strict=True)):
+            if i == 0 and _batched(net, plan, output.name):
+                dim.dim_param = BATCH
+            else:
+                dim.dim_value = extent
 
 
 @contextlib.contextmanager

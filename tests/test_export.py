@@ -293,3 +293,15 @@ def test_data_layer_without_shape_asks_for_input_shape(tmp_path, capsys):
     rc = main(["export", "--model", str(CONFORMANCE / "01_lenet_train_test.prototxt"), "-o", str(tmp_path / "x.onnx")])
     err = capsys.readouterr().err
     assert rc == 2 and "--input-shape" in err
+
+
+def test_outputs_carry_caffe_shapes_not_tracer_names(tmp_path):
+    """Each output's dims: the symbolic batch, then the blob's fixed extents (the tracer names them
+    'Mulnorm1_dim_1' and the like)."""
+    from runner.export import build_deploy, export_model
+
+    bcnn = Path(__file__).resolve().parents[1] / "prototxt" / "kitti" / "bcnn_deploy.prototxt"
+    net, plan = build_deploy(bcnn, [], ["norm1", "conv3", "pool5"])
+    model, _ = export_model(net, plan, tmp_path / "m.onnx")
+    dims = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
+    assert dims == {"norm1": ["batch", 96, 27, 27], "conv3": ["batch", 384, 13, 13], "pool5": ["batch", 256, 6, 6]}
