@@ -30,7 +30,9 @@ sys.path.insert(0, str(ROOT))
 from converter import caffe_pb2  # noqa: E402
 from converter.io import filter_net, net_state, read_net  # noqa: E402
 from converter.net import CaffeNet  # noqa: E402
-from runner.export import deploy_net, export_model, ort_session, rebatch  # noqa: E402
+from runner.deploy import deploy_net  # noqa: E402
+from runner.export import export_model, rebatch  # noqa: E402
+from runner.ort import ort_session  # noqa: E402
 from runner.probe import ProbeConfig, train_probe  # noqa: E402
 from runner.probe_data import ImageSource  # noqa: E402
 

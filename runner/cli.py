@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{e.prog}: error: {e} (see {e.prog} --help)", file=sys.stderr)
         return 2
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.entry = main  # what a multi-GPU training spawns in each process
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     from converter.layers.base import allow_python_layers
 

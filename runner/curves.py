@@ -1,4 +1,4 @@
-"""The one reader of ``train.csv`` (``iter,seconds,phase,name,value``, written by :class:`runner.train.Csv`)."""
+"""The one reader of ``train.csv`` (``iter,seconds,phase,name,value``, written by :class:`runner.logs.Csv`)."""
 
 from __future__ import annotations
 

@@ -8,12 +8,11 @@ by ``egomotion train --gpu 0,1`` / ``--gpu all``, which spawns one process per l
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -98,24 +97,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(local: int, argv: list[str], ids: list[int], port: int) -> None:
+def _child(local: int, entry: Callable[[list[str]], int], argv: list[str], ids: list[int], port: int) -> None:
     os.environ.update(RANK=str(local), LOCAL_RANK=str(local), WORLD_SIZE=str(len(ids)),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from runner.cli import main
-
-    code = main(argv)
+    code = entry(argv)
     if code:
         sys.exit(code)
 
 
-def spawn(args: argparse.Namespace) -> int:
-    """``--gpu 0,1`` / ``--gpu all``: one process per device, each running this same command."""
+def spawn(gpu: str, entry: Callable[[list[str]], int], argv: list[str]) -> int:
+    """``--gpu 0,1`` / ``--gpu all``: one process per device, each calling ``entry(argv)`` (the command line's
+    main, given by the caller: nothing here imports the command line)."""
     import torch.multiprocessing as mp
 
-    ids = parse_gpus(args.gpu)
-    argv = list(args.argv)
+    ids = parse_gpus(gpu)
     try:
-        mp.spawn(_child, args=(argv, ids, _free_port()), nprocs=len(ids), join=True)
+        mp.spawn(_child, args=(entry, list(argv), ids, _free_port()), nprocs=len(ids), join=True)
     except mp.ProcessExitedException as e:
         raise CaffeError(f"a training process exited with code {e.exit_code}") from None
     return 0

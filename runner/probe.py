@@ -125,7 +125,7 @@ def providers(device: str = "auto") -> list[str]:
 
 def open_session(path: str | Path, device: str = "auto", threads: int = 0):
     """An ORT session; the provider actually used is ``session.get_providers()[0]`` (CUDA may fall back)."""
-    from runner.export import ort_session
+    from runner.ort import ort_session
 
     try:
         return ort_session(Path(path), providers(device), threads)

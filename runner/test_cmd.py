@@ -19,8 +19,9 @@ from converter.errors import CaffeError
 from converter.io import filter_net, net_state, read_net
 from converter.net import CaffeNet
 from converter.weights import load_weights
+from runner.logs import Log, glog_session
+from runner.netsetup import comma_list, input_shapes, output_order, pick_device
 from runner.solver import fmt
-from runner.train import Log, comma_list, glog_session, input_shapes, output_order, pick_device
 
 f32 = np.float32
 

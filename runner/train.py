@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import math
 import os
 import signal
@@ -26,7 +25,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
 
 import numpy as np
 import torch
@@ -38,334 +36,134 @@ from converter.io import read_binary, read_net, read_solver, write_message
 from converter.net import CaffeNet
 from converter.weights import copy_trained_layers, load_weights, save_weights
 from runner import distributed
+from runner.logs import Csv, Log, LogBridge
+from runner.netsetup import input_shapes, output_order, pick_device, share_trained_layers
 from runner.solver import Solver, check_solver, fmt
 from runner.solver_nets import test_nets, train_net
 
 SIGNAL_EFFECTS = ("stop", "snapshot", "none")
+
 f32 = np.float32
 
 
 # ----------------------------------------------------------------------------------------------
-# Logging: glog lines (``I0210 13:39:22.381027 25210 solver.cpp:239] …``), a CSV, a progress line
+# The loop: run → Trainer.solve → Trainer.step → Trainer.forward_backward
 # ----------------------------------------------------------------------------------------------
-class Log:
-    """Caffe's log lines to stderr and a log file; a progress line kept at the bottom of a terminal.
-
-    While ``held`` (the setup), lines are kept back: a setup that fails prints its one-line error and
-    nothing else, and creates no log file. :meth:`release` opens the file and writes them out.
-    """
-
-    def __init__(self, path: str | None = None, append: bool = False, enabled: bool = True,
-                 progress: bool | None = None, held: bool = False):
-        self.enabled, self.path, self.append = enabled, path, append
-        self.file: TextIO | None = None
-        self.held: list[str] | None = [] if held else None
-        if not held:
-            self._open()
-        self.tty = enabled and (sys.stderr.isatty() if progress is None else progress)
-        self._progress_shown = False
-        self.tid = threading.get_native_id() % 100000
-
-    def _open(self) -> None:
-        if self.enabled and self.path:
-            try:
-                self.file = open(self.path, "a" if self.append else "w", encoding="utf-8")  # noqa: SIM115
-            except OSError as e:
-                raise CaffeError(f"{self.path}: cannot write the log ({e.strerror})") from None
-
-    def release(self) -> None:
-        held, self.held = self.held or [], None
-        self._open()
-        for text in held:
-            self._write(text)
-
-    def line(self, where: str, msg: str, severity: str = "I") -> None:
-        if not self.enabled:
-            return
-        now = time.time()
-        lt = time.localtime(now)
-        text = (f"{severity}{lt.tm_mon:02d}{lt.tm_mday:02d} {lt.tm_hour:02d}:{lt.tm_min:02d}:{lt.tm_sec:02d}."
-                f"{int((now % 1) * 1e6):06d} {self.tid:5d} {where}] {msg}\n")
-        if self.held is not None:
-            self.held.append(text)
-        else:
-            self._write(text)
-
-    def _write(self, text: str) -> None:
-        if self._progress_shown:
-            sys.stderr.write("\r\033[K")
-            self._progress_shown = False
-        sys.stderr.write(text)
-        sys.stderr.flush()
-        if self.file:
-            try:
-                self.file.write(text)
-                self.file.flush()
-            except OSError as e:  # disk full: one error line, and stop writing the file
-                raise _write_error(self, "the log", e) from None
-
-    def progress(self, text: str) -> None:
-        if self.tty and self.held is None:
-            sys.stderr.write("\r\033[K" + text)
-            sys.stderr.flush()
-            self._progress_shown = True
-
-    def close(self) -> None:
-        if self._progress_shown:
-            sys.stderr.write("\n")
-            self._progress_shown = False
-        if self.file:
-            try:
-                self.file.close()
-            except OSError as e:
-                raise _write_error(self, "the log", e) from None
-            self.file = None
-
-
-def _write_error(owner: Log | Csv, what: str, e: OSError) -> CaffeError:
-    """A failed write of the log or the CSV (e.g. a full disk) as one error line; the file is dropped
-    (closed without raising again) so that closing the trainer does not fail a second time."""
-    file, owner.file = owner.file, None
-    with contextlib.suppress(OSError):
-        file.close()
-    return CaffeError(f"{getattr(owner, 'path', None) or file.name}: cannot write {what} ({e.strerror})")
-
-
-class LogBridge(logging.Handler):
-    """Python ``logging`` records of the data readers and weight loaders (e.g. Caffe's ``Restarting data
-    prefetching from start.``, ``Ignoring source layer``) as glog lines of the training log."""
-
-    LOGGERS = ("runner.data", "data_prep", "converter.weights")
-
-    def __init__(self, log: Log):
-        super().__init__(logging.INFO)
-        self.log = log
-        self.saved = []
-        for name in self.LOGGERS:
-            logger = logging.getLogger(name)
-            self.saved.append((logger, logger.level, logger.propagate))
-            logger.addHandler(self)
-            logger.setLevel(logging.INFO)
-            logger.propagate = False
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.log.line(f"{record.module}.py:{record.lineno}", record.getMessage(), record.levelname[:1])
-
-    def detach(self) -> None:
-        for logger, level, propagate in self.saved:
-            logger.removeHandler(self)
-            logger.setLevel(level)
-            logger.propagate = propagate
-        self.saved = []
-
-
-@contextlib.contextmanager
-def glog_session(log: Log | None = None):
-    """A Log (console only unless one is given) with the data and weight loggers bridged into it, for the
-    verbs that run nets outside training (test, time); detached (and closed if ours) afterwards."""
-    own = log is None
-    log = log or Log(None, append=False)
-    bridge = LogBridge(log)
+def run(sp: caffe_pb2.SolverParameter, path: str, opts: TrainOptions) -> Trainer:
+    """Build and run a training; returns the (closed) trainer with its records, for callers and tests."""
+    trainer = Trainer(sp, path, opts)
     try:
-        yield log
+        trainer.solve()
     finally:
-        bridge.detach()
-        if own:
-            log.close()
-
-
-def comma_list(text: str | None) -> list[str]:
-    """``a,b`` flags (--weights, --stage) as a list, empty entries dropped."""
-    return [item for item in (text or "").split(",") if item]
-
-
-class Csv:
-    """One row per number the log prints: ``iter,seconds,phase,name,value``.
-
-    phase ``train`` has ``smoothed_loss`` (the displayed loss), ``lr`` and the train net's outputs by blob
-    name; phase ``test<k>`` has test net k's averaged outputs. Values are float32's shortest repr.
-    """
-
-    def __init__(self, path: str | None, append: bool, start: float):
-        self.file = None
-        self.start = start
-        if path:
-            fresh = not append or not Path(path).exists() or Path(path).stat().st_size == 0
-            try:
-                self.file = open(path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115
-            except OSError as e:
-                raise CaffeError(f"{path}: cannot write the CSV ({e.strerror})") from None
-            if fresh:
-                self._do(self.file.write, "iter,seconds,phase,name,value\n")
-
-    def _do(self, fn, *args) -> None:
-        try:
-            fn(*args)
-        except OSError as e:
-            raise _write_error(self, "the CSV", e) from None
-
-    def row(self, it: int, phase: str, name: str, value: float) -> None:
-        if self.file:
-            self._do(self.file.write, f"{it},{time.time() - self.start:.3f},{phase},{name},{np.float32(value)}\n")
-
-    def flush(self) -> None:
-        if self.file:
-            self._do(self.file.flush)
-
-    def close(self) -> None:
-        if self.file:
-            self._do(self.file.close)
-            self.file = None
-
-
-# ----------------------------------------------------------------------------------------------
-# Options and signals
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class TrainOptions:
-    weights: list[str] = field(default_factory=list)
-    snapshot: str | None = None
-    gpu: str | None = None
-    iterations: int | None = None  # overrides max_iter
-    sigint_effect: str = "stop"
-    sighup_effect: str = "snapshot"
-    level: int | None = None
-    stages: list[str] = field(default_factory=list)
-    log: str | None = None  # default: train.log beside the snapshots
-    csv: str | None = None  # default: train.csv beside the snapshots
-    progress: bool | None = None  # default: when stderr is a terminal
-    workers: int = 0
-    quiet: bool = False
-
-
-class Signals:
-    """Caffe's ``SignalHandler``: SIGINT/SIGHUP become STOP / SNAPSHOT / NONE requests polled by the loop.
-
-    A second SIGINT while a stop is pending aborts at once (KeyboardInterrupt).
-    """
-
-    def __init__(self, sigint: str, sighup: str):
-        self.effects = {signal.SIGINT: sigint}
-        if hasattr(signal, "SIGHUP"):
-            self.effects[signal.SIGHUP] = sighup
-        self.pending: list[str] = []
-        self.previous: dict[int, object] = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.effects:
-                self.previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        effect = self.effects.get(signum, "none")
-        if signum == signal.SIGINT and "stop" in self.pending:
-            raise KeyboardInterrupt
-        if effect != "none":
-            self.pending.append(effect)
-
-    def request(self) -> str:
-        """``GetRequestedAction``: the oldest pending request, or "none"."""
-        return self.pending.pop(0) if self.pending else "none"
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous.clear()
-
-
-# ----------------------------------------------------------------------------------------------
-# Setup helpers
-# ----------------------------------------------------------------------------------------------
-def output_order(net: CaffeNet) -> list[str]:
-    """Caffe's ``net_output_blobs_``: the unconsumed blobs in std::set (byte) order, not layer order."""
-    return sorted(net.outputs, key=lambda s: s.encode())
-
-
-def input_shapes(proto: caffe_pb2.NetParameter, phase: int) -> dict[str, tuple[int, ...]]:
-    """Top shapes of the data layers, read from their sources; a source that cannot be read is an error
-    naming the layer (Caffe would fail the same way when the layer opens it)."""
-    from runner.data import data_layer_shapes
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    for lp in proto.layer:
-        found = data_layer_shapes(lp, phase)
-        if not found and lp.top and lp.type in ("Data", "ImageData"):
-            if lp.type == "Data" and lp.data_param.backend != caffe_pb2.DataParameter.LMDB:
-                raise CaffeError(f"layer '{lp.name}' (Data): backend LEVELDB is not supported; convert the "
-                                 "data to an LMDB (backend: LMDB)")
-            source = lp.data_param.source if lp.type == "Data" else lp.image_data_param.source
-            kind = "LMDB" if lp.type == "Data" else "image list"
-            where = "" if Path(source).is_absolute() else f" (relative to the working directory {Path.cwd()})"
-            raise CaffeError(f"layer '{lp.name}' ({lp.type}): its {kind} '{source}'{where} does not exist or "
-                             "cannot be read")
-        shapes.update(found)
-    return shapes
-
-
-def share_trained_layers(target: CaffeNet, source: CaffeNet) -> None:
-    """``Net::ShareTrainedLayersWith``: same-named layers of a test net use the train net's tensors."""
-    by_name = {lp.name: i for i, lp in enumerate(source.layer_params)}
-    for i, lp in enumerate(target.layer_params):
-        j = by_name.get(lp.name)
-        if j is None:
-            continue
-        uses, src_uses = target.blob_uses[i], source.blob_uses[j]
-        if len(uses) != len(src_uses):
-            raise CaffeError(f"test net layer '{lp.name}' has {len(uses)} blobs, the train net's {len(src_uses)}")
-        for k, (u, s) in enumerate(zip(uses, src_uses, strict=True)):
-            if u.shape != s.shape:
-                raise CaffeError(f"cannot share param {k} of layer '{lp.name}' between the train and test nets: "
-                                 f"shape {u.shape} vs {s.shape}")
-            target.params[u.learnable] = source.params[s.learnable]
-
-
-def check_writable_folder(prefix: str) -> None:
-    """Caffe's ``CheckSnapshotWritePermissions``, done for every run since we always may snapshot."""
-    folder = Path(prefix).parent
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise CaffeError(f"snapshot_prefix '{prefix}': cannot write in folder '{folder}' "
-                         f"({e.strerror or e}); make sure the folder exists and is writable") from None
-
-
-def pick_device(gpu: str | None, log: Log) -> torch.device:
-    ids = distributed.parse_gpus(gpu)
-    if not ids:
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        log.line("caffe.cpp:197", f"--gpu {gpu} given but CUDA is not available: using the CPU", "W")
-        return torch.device("cpu")
-    local = distributed.local_rank()
-    index = ids[local % len(ids)]
-    if index >= torch.cuda.device_count():
-        raise CaffeError(f"--gpu {gpu}: device {index} does not exist ({torch.cuda.device_count()} CUDA devices)")
-    torch.cuda.set_device(index)
-    # Caffe computes in true float32: no TensorFloat-32 in cuDNN convolutions or cuBLAS matmuls
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    return torch.device("cuda", index)
-
-
-def seed_for(seed: int, it: int) -> int:
-    """The torch seed of iteration ``it``: derived, so a resumed run draws what the original drew."""
-    return (seed * 1_000_003 + it * 7_919 + 1) % (2**63 - 1)
-
-
-# ----------------------------------------------------------------------------------------------
-# The trainer
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class Record:
-    """What one display printed (for tests and callers)."""
-
-    iter: int
-    loss: float
-    lr: float | None = None
+        trainer.close()
+    return trainer
 
 
 class Trainer:
     """Everything ``caffe train`` builds before ``Solve``: nets, data, solver, logs. Errors surface here,
     before any iteration runs."""
+
+    # ------------------------------------------------------------------------------------------
+    def solve(self) -> list[Record]:
+        """``Solver::Solve``."""
+        sp = self.sp
+        self.log.line("solver.cpp:289", f"Solving {self.net.name}")
+        self.log.line("solver.cpp:290", f"Learning Rate Policy: {sp.lr_policy}")
+        self.signals = Signals(self.opts.sigint_effect, self.opts.sighup_effect)
+        try:
+            self.start_iter = self.solver.iter
+            self.step(sp.max_iter - self.solver.iter)
+            if self.rank == 0 and sp.snapshot_after_train and self.last_snapshot_iter != self.solver.iter \
+                    and (not sp.snapshot or self.solver.iter % sp.snapshot != 0):
+                self.snapshot()
+            if self.stopped_early:
+                self.log.line("solver.cpp:315", "Optimization stopped early.")
+                return self.records
+            it = self.solver.iter
+            if sp.display and it % sp.display == 0:
+                torch.manual_seed(seed_for(self.seed + self.rank, it))
+                with torch.no_grad():
+                    blobs = self.net(self.train_feeder.next())
+                    loss = float(self.net.loss(blobs))
+                smoothed = self.update_smoothed_loss(loss)
+                self.log.line("solver.cpp:327", f"Iteration {it}, loss = {fmt(smoothed)}")
+                self.records.append(Record(it, smoothed))
+                self.csv.row(it, "train", "smoothed_loss", smoothed)
+            if sp.test_interval and it % sp.test_interval == 0 and self.rank == 0:
+                self.test_all()
+            self.log.line("solver.cpp:332", "Optimization Done.")
+            return self.records
+        finally:
+            self.signals.restore()
+            self.csv.flush()
+
+    def step(self, iters: int) -> None:
+        """``Solver::Step``."""
+        sp, solver = self.sp, self.solver
+        stop_iter = solver.iter + iters
+        self.losses: list[np.float32] = []
+        self.smoothed = f32(0)
+        timer, iterations_last = time.perf_counter(), solver.iter
+        self.progress_start = (time.perf_counter(), solver.iter, 0.0)
+        while solver.iter < stop_iter:
+            it = solver.iter
+            for p in self.net.params:  # ClearParamDiffs
+                if p.grad is not None:
+                    p.grad.zero_()
+            if sp.test_interval and it % sp.test_interval == 0 and (it > 0 or sp.test_initialization):
+                if self.rank == 0:
+                    self.test_all()
+                if self.stopped_early:
+                    break
+            loss, blobs = self.forward_backward(it)
+            smoothed = self.update_smoothed_loss(loss)
+            display = bool(sp.display) and it % sp.display == 0
+            if display:
+                lapse = time.perf_counter() - timer
+                per_s = (it - iterations_last) / (lapse or 1)
+                self.log.line("solver.cpp:239", f"Iteration {it} ({fmt(per_s)} iter/s, {fmt(lapse)}s/"
+                                                f"{sp.display} iters), loss = {fmt(smoothed)}")
+                timer, iterations_last = time.perf_counter(), it
+                self.csv.row(it, "train", "smoothed_loss", smoothed)
+                self.display_outputs(blobs, it)
+            if not math.isfinite(loss):
+                self.diverged(it, loss)
+            rate = solver.learning_rate()
+            if display:
+                self.log.line("sgd_solver.cpp:112", f"Iteration {it}, lr = {fmt(rate)}")
+                self.records.append(Record(it, smoothed, rate))
+                self.csv.row(it, "train", "lr", rate)
+            solver.apply_update(rate)
+            solver.iter += 1
+            request = self.signals.request() if self.signals else "none"
+            if self.rank == 0 and ((sp.snapshot and solver.iter % sp.snapshot == 0) or request == "snapshot"):
+                self.snapshot()
+            if request == "stop":
+                self.stopped_early = True
+                break
+            self.show_progress(smoothed)
+
+    def forward_backward(self, it: int) -> tuple[float, dict[str, torch.Tensor]]:
+        """``iter_size`` × ``Net::ForwardBackward`` (diffs accumulate); the mean loss (float sums, as Caffe)
+        and the last pass's blobs. Under DDP the gradients are all-reduced once, on the last pass."""
+        sp, net = self.sp, self.net
+        model = self.ddp or net
+        torch.manual_seed(seed_for(self.seed + self.rank, it))  # Caffe seeds solver r with seed + r
+        total = f32(0)
+        blobs: dict[str, torch.Tensor] = {}
+        for i in range(sp.iter_size):
+            batch = self.train_feeder.next()
+            local = self.ddp is not None and i < sp.iter_size - 1
+            with distributed.no_sync(self.ddp) if local else contextlib.nullcontext():
+                blobs = model(batch)
+                loss = net.loss(blobs)
+                if loss.requires_grad:
+                    loss.backward()
+            total = f32(total + f32(loss.item()))
+        mean = float(f32(total / f32(sp.iter_size)))
+        if self.ddp is not None:
+            mean = distributed.mean_scalar(mean, self.device)
+        return mean, blobs
 
     def __init__(self, sp: caffe_pb2.SolverParameter, path: str, opts: TrainOptions):
         from runner.data import NetFeeder
@@ -487,40 +285,6 @@ class Trainer:
         self.solver.restore(st, state_file)
         self.log.line("sgd_solver.cpp:326", "SGDSolver: restoring history")
 
-    # ------------------------------------------------------------------------------------------
-    def solve(self) -> list[Record]:
-        """``Solver::Solve``."""
-        sp = self.sp
-        self.log.line("solver.cpp:289", f"Solving {self.net.name}")
-        self.log.line("solver.cpp:290", f"Learning Rate Policy: {sp.lr_policy}")
-        self.signals = Signals(self.opts.sigint_effect, self.opts.sighup_effect)
-        try:
-            self.start_iter = self.solver.iter
-            self.step(sp.max_iter - self.solver.iter)
-            if self.rank == 0 and sp.snapshot_after_train and self.last_snapshot_iter != self.solver.iter \
-                    and (not sp.snapshot or self.solver.iter % sp.snapshot != 0):
-                self.snapshot()
-            if self.stopped_early:
-                self.log.line("solver.cpp:315", "Optimization stopped early.")
-                return self.records
-            it = self.solver.iter
-            if sp.display and it % sp.display == 0:
-                torch.manual_seed(seed_for(self.seed + self.rank, it))
-                with torch.no_grad():
-                    blobs = self.net(self.train_feeder.next())
-                    loss = float(self.net.loss(blobs))
-                smoothed = self.update_smoothed_loss(loss)
-                self.log.line("solver.cpp:327", f"Iteration {it}, loss = {fmt(smoothed)}")
-                self.records.append(Record(it, smoothed))
-                self.csv.row(it, "train", "smoothed_loss", smoothed)
-            if sp.test_interval and it % sp.test_interval == 0 and self.rank == 0:
-                self.test_all()
-            self.log.line("solver.cpp:332", "Optimization Done.")
-            return self.records
-        finally:
-            self.signals.restore()
-            self.csv.flush()
-
     def update_smoothed_loss(self, loss: float) -> float:
         """``Solver::UpdateSmoothedLoss`` (float arithmetic, a ring of ``average_loss`` values)."""
         n = self.sp.average_loss
@@ -533,74 +297,6 @@ class Trainer:
             self.smoothed = f32(self.smoothed + (f32(loss) - self.losses[idx]) / f32(n))
             self.losses[idx] = f32(loss)
         return float(self.smoothed)
-
-    def step(self, iters: int) -> None:
-        """``Solver::Step``."""
-        sp, solver = self.sp, self.solver
-        stop_iter = solver.iter + iters
-        self.losses: list[np.float32] = []
-        self.smoothed = f32(0)
-        timer, iterations_last = time.perf_counter(), solver.iter
-        self.progress_start = (time.perf_counter(), solver.iter, 0.0)
-        while solver.iter < stop_iter:
-            it = solver.iter
-            for p in self.net.params:  # ClearParamDiffs
-                if p.grad is not None:
-                    p.grad.zero_()
-            if sp.test_interval and it % sp.test_interval == 0 and (it > 0 or sp.test_initialization):
-                if self.rank == 0:
-                    self.test_all()
-                if self.stopped_early:
-                    break
-            loss, blobs = self.forward_backward(it)
-            smoothed = self.update_smoothed_loss(loss)
-            display = bool(sp.display) and it % sp.display == 0
-            if display:
-                lapse = time.perf_counter() - timer
-                per_s = (it - iterations_last) / (lapse or 1)
-                self.log.line("solver.cpp:239", f"Iteration {it} ({fmt(per_s)} iter/s, {fmt(lapse)}s/"
-                                                f"{sp.display} iters), loss = {fmt(smoothed)}")
-                timer, iterations_last = time.perf_counter(), it
-                self.csv.row(it, "train", "smoothed_loss", smoothed)
-                self.display_outputs(blobs, it)
-            if not math.isfinite(loss):
-                self.diverged(it, loss)
-            rate = solver.learning_rate()
-            if display:
-                self.log.line("sgd_solver.cpp:112", f"Iteration {it}, lr = {fmt(rate)}")
-                self.records.append(Record(it, smoothed, rate))
-                self.csv.row(it, "train", "lr", rate)
-            solver.apply_update(rate)
-            solver.iter += 1
-            request = self.signals.request() if self.signals else "none"
-            if self.rank == 0 and ((sp.snapshot and solver.iter % sp.snapshot == 0) or request == "snapshot"):
-                self.snapshot()
-            if request == "stop":
-                self.stopped_early = True
-                break
-            self.show_progress(smoothed)
-
-    def forward_backward(self, it: int) -> tuple[float, dict[str, torch.Tensor]]:
-        """``iter_size`` × ``Net::ForwardBackward`` (diffs accumulate); the mean loss (float sums, as Caffe)
-        and the last pass's blobs. Under DDP the gradients are all-reduced once, on the last pass."""
-        sp, net = self.sp, self.net
-        model = self.ddp or net
-        torch.manual_seed(seed_for(self.seed + self.rank, it))  # Caffe seeds solver r with seed + r
-        total = f32(0)
-        blobs: dict[str, torch.Tensor] = {}
-        for i in range(sp.iter_size):
-            batch = self.train_feeder.next()
-            local = self.ddp is not None and i < sp.iter_size - 1
-            with distributed.no_sync(self.ddp) if local else contextlib.nullcontext():
-                blobs = model(batch)
-                loss = net.loss(blobs)
-                if loss.requires_grad:
-                    loss.backward()
-            total = f32(total + f32(loss.item()))
-        mean = float(f32(total / f32(sp.iter_size)))
-        if self.ddp is not None:
-            mean = distributed.mean_scalar(mean, self.device)
-        return mean, blobs
 
     def show_progress(self, smoothed: float) -> None:
         """On a terminal: iterations/s, images/s and the time left, at most five times a second."""
@@ -716,23 +412,8 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------------------------
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-def run(sp: caffe_pb2.SolverParameter, path: str, opts: TrainOptions) -> Trainer:
-    """Build and run a training; returns the (closed) trainer with its records, for callers and tests."""
-    trainer = Trainer(sp, path, opts)
-    try:
-        trainer.solve()
-    finally:
-        trainer.close()
-    return trainer
-
-
+# The verb, options and signals
+# ----------------------------------------------------------------------------------------------
 def train(args: argparse.Namespace) -> int:
     """The ``egomotion train`` verb."""
     if args.snapshot and args.weights:
@@ -747,8 +428,92 @@ def train(args: argparse.Namespace) -> int:
     sp = read_solver(args.solver)
     check_solver(sp, args.solver)
     if distributed.wants_spawn(args.gpu):
-        return distributed.spawn(args)
+        return distributed.spawn(args.gpu, args.entry, args.argv)
     with distributed.process_group(opts.gpu):
         run(sp, args.solver, opts)
     return 0
 
+
+@dataclass
+class TrainOptions:
+    weights: list[str] = field(default_factory=list)
+    snapshot: str | None = None
+    gpu: str | None = None
+    iterations: int | None = None  # overrides max_iter
+    sigint_effect: str = "stop"
+    sighup_effect: str = "snapshot"
+    level: int | None = None
+    stages: list[str] = field(default_factory=list)
+    log: str | None = None  # default: train.log beside the snapshots
+    csv: str | None = None  # default: train.csv beside the snapshots
+    progress: bool | None = None  # default: when stderr is a terminal
+    workers: int = 0
+    quiet: bool = False
+
+
+class Signals:
+    """Caffe's ``SignalHandler``: SIGINT/SIGHUP become STOP / SNAPSHOT / NONE requests polled by the loop.
+
+    A second SIGINT while a stop is pending aborts at once (KeyboardInterrupt).
+    """
+
+    def __init__(self, sigint: str, sighup: str):
+        self.effects = {signal.SIGINT: sigint}
+        if hasattr(signal, "SIGHUP"):
+            self.effects[signal.SIGHUP] = sighup
+        self.pending: list[str] = []
+        self.previous: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.effects:
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        effect = self.effects.get(signum, "none")
+        if signum == signal.SIGINT and "stop" in self.pending:
+            raise KeyboardInterrupt
+        if effect != "none":
+            self.pending.append(effect)
+
+    def request(self) -> str:
+        """``GetRequestedAction``: the oldest pending request, or "none"."""
+        return self.pending.pop(0) if self.pending else "none"
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous.clear()
+
+
+@dataclass
+class Record:
+    """What one display printed (for tests and callers)."""
+
+    iter: int
+    loss: float
+    lr: float | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+def check_writable_folder(prefix: str) -> None:
+    """Caffe's ``CheckSnapshotWritePermissions``, done for every run since we always may snapshot."""
+    folder = Path(prefix).parent
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise CaffeError(f"snapshot_prefix '{prefix}': cannot write in folder '{folder}' "
+                         f"({e.strerror or e}); make sure the folder exists and is writable") from None
+
+
+def seed_for(seed: int, it: int) -> int:
+    """The torch seed of iteration ``it``: derived, so a resumed run draws what the original drew."""
+    return (seed * 1_000_003 + it * 7_919 + 1) % (2**63 - 1)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

@@ -26,14 +26,9 @@ from converter.errors import CaffeError
 from converter.io import filter_net, net_state, parse_net, read_net
 from converter.net import CaffeNet
 from runner.cli import main
-from runner.export import (
-    DeployNet,
-    build_deploy,
-    deploy_net,
-    export_model,
-    max_rel_error,
-    ort_session,
-)
+from runner.deploy import DeployNet, build_deploy, deploy_net
+from runner.export import export_model
+from runner.ort import max_rel_error, ort_session
 from tests.golden import FWD_ATOL, FWD_RTOL, GOLDEN, REFERENCE, load, require_golden
 
 CONFORMANCE = REFERENCE / "conformance"
@@ -298,8 +293,6 @@ def test_data_layer_without_shape_asks_for_input_shape(tmp_path, capsys):
 def test_outputs_carry_caffe_shapes_not_tracer_names(tmp_path):
     """Each output's dims: the symbolic batch, then the blob's fixed extents (the tracer names them
     'Mulnorm1_dim_1' and the like)."""
-    from runner.export import build_deploy, export_model
-
     bcnn = Path(__file__).resolve().parents[1] / "prototxt" / "kitti" / "bcnn_deploy.prototxt"
     net, plan = build_deploy(bcnn, [], ["norm1", "conv3", "pool5"])
     model, _ = export_model(net, plan, tmp_path / "m.onnx")

@@ -23,7 +23,9 @@ from converter.errors import CaffeError
 from converter.io import filter_net, net_state, read_net
 from converter.net import CaffeNet
 from runner.cli import main
-from runner.export import deploy_net, export_model, max_rel_error, ort_session
+from runner.deploy import deploy_net
+from runner.export import export_model
+from runner.ort import max_rel_error, ort_session
 from runner.probe import Experiment, ProbeConfig, Result, extract, run, train_probe
 from runner.probe_data import ImageSource, Sample, read_list, split, sun_class, sun_partition
 from runner.report import THESIS_SUN, csv_text, markdown

@@ -336,3 +336,34 @@ def test_weights_list_is_applied_in_order(tmp_path):
         assert shared is trainer.net.params[got["ip2"][0].learnable]  # test nets share the train net's blobs
     finally:
         trainer.close()
+
+
+def test_training_does_not_import_the_command_line():
+    """The rooms import downwards only: training, its logs, set-up and distributed launch never import the
+    command line or the experiments, not even inside a function (a multi-GPU spawn is handed the CLI's main)."""
+    import ast
+
+    runner = Path(__file__).resolve().parents[1] / "runner"
+    for module in ("train", "distributed", "logs", "netsetup", "solver", "solver_nets", "data"):
+        tree = ast.parse((runner / f"{module}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
+            {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        upward = {m for m in imported if m and (m.startswith("runner.cli") or m.startswith("runner.experiments"))}
+        assert not upward, f"runner/{module}.py imports {upward}"
+
+
+def test_spawned_child_runs_the_given_entry(monkeypatch):
+    from runner import distributed
+
+    seen = {}
+
+    def entry(argv):
+        seen.update(argv=argv, rank=os.environ["RANK"], world=os.environ["WORLD_SIZE"])
+        return 0
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    distributed._child(1, entry, ["train", "--solver", "s"], [0, 1], 12345)
+    assert seen == {"argv": ["train", "--solver", "s"], "rank": "1", "world": "2"}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)

@@ -208,8 +208,8 @@ def test_iterations(net_path: Path) -> tuple[str, int]:
 def measure(folder: Path, weights: Path, spec: experiment_pb2.Measure, gpu: str | None = None) -> dict:
     """``egomotion test`` of the final weights over the whole test set (its log in test.log): the mean over
     every batch and the last batch alone; with best_test also the best test output during training."""
+    from runner.logs import Log
     from runner.test_cmd import score
-    from runner.train import Log
 
     source, iterations = test_iterations(folder / "net.prototxt")
     with open(folder / "console.txt", "a") as console, contextlib.redirect_stderr(console):

@@ -60,7 +60,8 @@ def head(probe_net: caffe_pb2.NetParameter, stage: str, tower: set[str], batch: 
 
 
 def run_probe(exp: Experiment, data_root: Path, folder: Path, run: experiment_pb2.RunParameter) -> list[dict]:
-    from runner.export import build_deploy, export_model
+    from runner.deploy import build_deploy
+    from runner.export import export_model
     from runner.probe import evaluate, extract, open_session, solver_loop
     from runner.solver import Solver
 
