@@ -4,6 +4,7 @@ them visibly, runs resume, the snapshot rules pick what they say, and results co
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -68,6 +69,9 @@ def test_mnist_smoke_end_to_end_resumes_and_reuses(tmp_path, capsys, mnist_env):
     runs = tmp_path / "runs" / "mnist" / "smoke"
     for name in ("egomotion", "sfa10", "sfa100"):
         assert (runs / name / "CHOSEN").exists() and (runs / name / "curves.png").exists()
+        # the thesis's rule: the last snapshot before max_iter (20), and the tower's share of live features
+        record = json.loads((runs / name / "result.json").read_text())
+        assert record["snapshot"] == "snap_iter_10.caffemodel" and 0.0 <= record["alive"] <= 1.0
         assert (runs / name / "train.log").read_text().count("Iteration 0, Testing net (#0)") == 1
     # an interrupted pre-training (its last snapshot and records gone) resumes from its newest snapshot
     for leftover in ("CHOSEN", "result.json", "snap_iter_20.caffemodel", "snap_iter_20.solverstate"):
@@ -92,6 +96,7 @@ def test_mnist_smoke_end_to_end_resumes_and_reuses(tmp_path, capsys, mnist_env):
     table = (runs / "results.md").read_text()
     assert "| egomotion |" in table and "[0.75]" in table and "last test batch" in table
     assert "| labels | egomotion − from scratch |" in table and "more than 5 points from the thesis" in table
+    assert "of its `norm2` features are non-zero on a test batch" in table
     assert (runs / "accuracy.png").stat().st_size > 1000 and (runs / "pretraining_loss.png").stat().st_size > 1000
     capsys.readouterr()
     assert main(["train", *argv]) == 0  # everything done before is reused, not redone
@@ -128,8 +133,8 @@ def test_snapshot_rules(tmp_path):
 def test_scale_overrides_replace_fields_and_are_listed():
     exp = spec.load("mnist", "demo")
     sfa = exp.run("sfa10")
-    assert sfa.solver_override.max_iter == 3000 and sfa.train_batch_size == 125
-    assert "run sfa10: train_batch_size = 125" in exp.overrides
+    assert sfa.solver_override.max_iter == 600 and not sfa.HasField("train_batch_size")  # the thesis's 800
+    assert "run sfa10: solver_override.max_iter = 600" in exp.overrides
     assert exp.data_stage("pairs").mnist_pairs.train_pairs == 60000
     assert exp.data_stage("pairs").mnist_pairs.val_seed == 1  # untouched fields keep the experiment's value
     smoke = spec.load("mnist", "smoke")
@@ -200,3 +205,24 @@ def test_probe_head_is_the_probe_net_without_the_tower():
     assert list(l1.layer[0].top) == ["norm1", "label"] and list(l1.layer[0].input_param.shape[0].dim) == [125, 69984]
     l3 = head(probe_net, "L3", tower, 125, {"conv3": 10})
     assert [lp.name for lp in l3.layer] == ["features", "fc_prev_L3", "relu_prev", "fc_mlp", "loss"]
+
+
+@pytest.mark.parametrize("run, copied", [("egomotion", ["conv1", "conv2"]), ("sfa10", ["conv1", "conv2"])])
+def test_fine_tuning_inherits_what_the_thesis_transferred(tmp_path, run, copied):
+    """The thesis's SFA head is fc1/fc2, so `copy_from` brings only the convolutions into the classifier (whose
+    own fc is fc500), as for egomotion: each method hands on the same layers."""
+    from converter.io import filter_net, net_state, read_net, read_solver
+    from converter.net import CaffeNet
+    from converter.weights import copy_trained_layers, save_weights
+
+    exp = spec.load("mnist", "full")
+    sp = read_solver(exp.path(exp.run(run).solver))
+    net = filter_net(read_net(exp.path(Path(sp.net).name)), net_state("TRAIN", 0, list(sp.train_state.stage)))
+    shapes = {"pairs": (1, 2, 28, 28), "sim": (1,), "motion": (1, 3)}
+    save_weights(CaffeNet(net, shapes), tmp_path / "pre.caffemodel")
+    classifier = filter_net(read_net(exp.path("classifier_train_val.prototxt")), net_state("TRAIN"))
+    target = CaffeNet(classifier, {"digits": (1, 1, 28, 28), "label": (1,)})
+    source = read_net(tmp_path / "pre.caffemodel")
+    ignored = copy_trained_layers(target, source, "pre.caffemodel")
+    with_blobs = [lp.name for lp in source.layer if lp.blobs]
+    assert sorted(set(with_blobs) - set(ignored)) == copied

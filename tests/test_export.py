@@ -20,9 +20,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from google.protobuf import text_format
 
 from converter import caffe_pb2
-from converter.errors import CaffeError
 from converter.io import filter_net, net_state, parse_net, read_net
 from converter.net import CaffeNet
 from runner.cli import main
@@ -75,12 +75,25 @@ def test_golden_layer_nets_parity(case, prototxt):
         np.testing.assert_allclose(value, expected, rtol=FWD_RTOL, atol=FWD_ATOL, err_msg=f"{case}: {name}")
 
 
-@pytest.mark.xfail(raises=CaffeError, strict=False,
-                   reason="ArgMax uses torch.sort(stable=True), which torch.onnx (TorchScript) cannot export")
 def test_golden_argmax_export():
+    """ArgMax exports as TopK of the reversed axis; ONNX Runtime gives Caffe's golden outputs."""
     require_golden()
     net, plan = build_deploy(GOLDEN / "shape" / "net_fwd.prototxt", [golden_weights("shape", "net_fwd.prototxt")])
     export_plan(net, plan)
+
+
+def test_argmax_ties_on_onnx_runtime_are_caffes():
+    """Among equal values Caffe's ArgMax puts the larger index first (std::greater on (value, index)
+    pairs): the exported TopK must too."""
+    proto = caffe_pb2.NetParameter()
+    text_format.Parse('layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 6 } } } '
+                      'layer { name: "am" type: "ArgMax" bottom: "x" top: "i" argmax_param { top_k: 3 axis: 1 } }',
+                      proto)
+    net, plan = _build(proto, ["i"])
+    model, _ = export_model(net, plan)
+    x = np.array([[1, 5, 5, 0, 5, 2], [3, 3, 3, 3, 3, 3]], dtype=np.float32)
+    got = ort_session(model).run(["i"], {"x": x})[0]
+    np.testing.assert_array_equal(got, [[4, 2, 1], [5, 4, 3]])  # by hand: ties, larger index first
 
 
 def _build(proto, outputs):

@@ -30,12 +30,16 @@ def caffe_topk(x: torch.Tensor, dim: int, k: int) -> tuple[torch.Tensor, torch.T
 
     ArgMax (``argmax_layer.cpp``) sorts ``(value, index)`` pairs with ``std::greater``, so among equal
     values the *larger* index comes first. A stable descending sort of the reversed axis gives exactly
-    that order.
+    that order. In an ONNX export the same order comes from ``TopK`` of the reversed axis (torch.onnx cannot
+    export a stable sort): ONNX's TopK breaks ties by the lower index, i.e. the larger original one.
     """
     n = x.shape[dim]
-    values, rev_idx = torch.sort(x.flip(dim), dim=dim, descending=True, stable=True)
-    values = values.narrow(dim, 0, k)
-    indices = (n - 1) - rev_idx.narrow(dim, 0, k)
+    if torch.onnx.is_in_onnx_export():
+        values, rev_idx = torch.topk(x.flip(dim), k, dim=dim, largest=True, sorted=True)
+    else:
+        values, rev_idx = torch.sort(x.flip(dim), dim=dim, descending=True, stable=True)
+        values, rev_idx = values.narrow(dim, 0, k), rev_idx.narrow(dim, 0, k)
+    indices = (n - 1) - rev_idx
     return values, indices.to(x.dtype)
 
 

@@ -228,6 +228,31 @@ def measure(folder: Path, weights: Path, spec: experiment_pb2.Measure, gpu: str 
     return out
 
 
+def feature_activity(folder: Path, weights: Path, blob: str) -> float:
+    """The fraction of ``blob``'s features (per-image entries) that are not 0 for every image of the first
+    TEST batch, with ``weights`` (the run's solver's test state picks the layers)."""
+    import torch
+
+    from converter.io import filter_net, net_state
+    from converter.net import CaffeNet
+    from converter.weights import load_weights
+    from runner.data import NetFeeder
+    from runner.netsetup import input_shapes
+
+    sp = read_solver(folder / "solver.prototxt")
+    stages = list(sp.test_state[0].stage) if sp.test_state else []
+    proto = filter_net(read_net(folder / "net.prototxt"), net_state("TEST", 0, stages))
+    net = CaffeNet(proto, input_shapes(proto, caffe_pb2.TEST))
+    load_weights(net, weights)
+    net.eval()
+    with NetFeeder(proto, caffe_pb2.TEST) as feeder, torch.no_grad():
+        values = net(feeder.next())
+    if blob not in values:
+        raise CaffeError(f"{folder / 'net.prototxt'}: feature_blob '{blob}' is not a blob of the TEST net")
+    x = values[blob].reshape(values[blob].shape[0], -1)
+    return float((x != 0).any(dim=0).float().mean())
+
+
 def weights_for(exp: Experiment, place: Place, run: experiment_pb2.RunParameter) -> Path | None:
     """The snapshot this run starts from: another run's chosen one, or a file (``{scale}`` filled in)."""
     if not run.weights:
@@ -278,6 +303,10 @@ def run_job(experiment: str, scale: str, runs: str, data: str, job: Job, gpu: st
         chosen = choose_snapshot(folder, rule)
         (folder / "CHOSEN").write_text(f"{chosen}\n")
         record.update(snapshot=chosen.name, rule=Rule.Rule.Name(rule.rule))
+        if run.feature_blob:
+            record["alive"] = feature_activity(folder, chosen, run.feature_blob)
+            if record["alive"] == 0:
+                say(f"{run.name}: WARNING every feature of '{run.feature_blob}' is 0 on a test batch: a dead tower")
         if run.final_copy:
             import shutil
 

@@ -9,6 +9,7 @@ measure); the margins of the ``compare`` run over every other row; the pre-train
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -121,9 +122,12 @@ def _pretraining(exp: Experiment, place: Place) -> list[str]:
         losses = last_values(read_curves(folder / "train.csv").get("train smoothed_loss", []))
         chosen = (folder / "CHOSEN").read_text().strip() if (folder / "CHOSEN").exists() else "?"
         rule = run.snapshot_rule if run.HasField("snapshot_rule") else exp.param.snapshot_rule
+        result = json.loads((folder / "result.json").read_text()) if (folder / "result.json").exists() else {}
+        alive = (f"; {100 * result['alive']:.0f} % of its `{run.feature_blob}` features are non-zero on a test batch"
+                 if "alive" in result else "")
         lines.append(f"- {run.title or run.name}: {len(losses)} displays, loss {losses[min(losses)]:.4g} → "
                      f"{losses[max(losses)]:.4g}, weights handed on: `{Path(chosen).name}` (snapshot rule "
-                     f"{experiment_pb2.SnapshotRule.Rule.Name(rule.rule)})")
+                     f"{experiment_pb2.SnapshotRule.Rule.Name(rule.rule)}){alive}")
     return lines
 
 
