@@ -226,3 +226,40 @@ def test_fine_tuning_inherits_what_the_thesis_transferred(tmp_path, run, copied)
     ignored = copy_trained_layers(target, source, "pre.caffemodel")
     with_blobs = [lp.name for lp in source.layer if lp.blobs]
     assert sorted(set(with_blobs) - set(ignored)) == copied
+
+
+KITTI = ROOT.parent / "shared" / "data" / "kitti_odometry_00"
+
+
+@pytest.mark.slow
+def test_kitti_experiment_pairs_labels_resume_and_rule(tmp_path, monkeypatch, capsys):
+    """`make train EXP=kitti` on the sample: the pairs `egomotion data kitti-pairs` makes with the same flags,
+    the thesis's world-frame labels, a resumed run after an interrupt, the snapshot its rule names."""
+    if not (KITTI / "poses" / "00.txt").exists():
+        pytest.skip(f"{KITTI} is absent")
+    from runner.cli import main as cli
+
+    monkeypatch.setenv("KITTI_DIR", str(KITTI))
+    argv = ["kitti", "--scale", "smoke", "--runs", str(tmp_path / "runs"), "--data", str(tmp_path / "data")]
+    assert main(["train", *argv]) == 0
+    data = tmp_path / "data" / "kitti" / "smoke" / "egomotion"
+    assert cli(["data", "kitti-pairs", "--kitti-dir", str(KITTI), "--out", str(tmp_path / "by_hand"),
+                "--camera", "image_0", "--mode", "color", "--train", "00:0-119", "--val", "00:120-150",
+                "--train-pairs", "24", "--val-pairs", "8", "--translation-frame", "world"]) == 0
+    for split in ("train", "val"):
+        assert (data / f"pairs_{split}.tsv").read_text() == (tmp_path / "by_hand" / f"pairs_{split}.tsv").read_text()
+    runs = tmp_path / "runs" / "kitti" / "smoke"
+    for name in ("KITTI-EGO", "KITTI-SFA"):
+        chosen = Path((runs / name / "CHOSEN").read_text().strip())
+        losses = {}
+        for row in csv.DictReader(open(runs / name / "train.csv")):
+            if row["name"] == "smoothed_loss" and (runs / name / f"snap_iter_{row['iter']}.caffemodel").exists():
+                losses[int(row["iter"])] = float(row["value"])
+        assert chosen.name == f"snap_iter_{min(losses, key=losses.get)}.caffemodel"  # LOWEST_TRAIN_LOSS
+        assert (runs / f"{name}.caffemodel").read_bytes() == chosen.read_bytes()
+    for leftover in ("CHOSEN", "result.json", "snap_iter_4.caffemodel", "snap_iter_4.solverstate"):
+        (runs / "KITTI-SFA" / leftover).unlink()
+    capsys.readouterr()
+    assert main(["train", *argv]) == 0
+    assert "KITTI-SFA: resuming from snap_iter_2.solverstate" in capsys.readouterr().out
+    assert (runs / "KITTI-SFA" / "snap_iter_4.caffemodel").exists() and (runs / "KITTI-SFA" / "CHOSEN").exists()
