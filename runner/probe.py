@@ -79,6 +79,7 @@ class ProbeConfig:
     stepsize: int | None = None
     weight_std: float = 0.005
     bias_value: float = 1.0
+    solver_param: caffe_pb2.SolverParameter | None = None  # --solver: trains with this instead
 
     @classmethod
     def named(cls, kind: str, **overrides) -> ProbeConfig:
@@ -94,7 +95,14 @@ class ProbeConfig:
         return base
 
     def solver(self, max_iter: int, stepsize: int | None) -> caffe_pb2.SolverParameter:
-        """The definition as a Caffe solver (SGD; "step" when the definition steps, else "fixed")."""
+        """The definition as a Caffe solver (SGD; "step" when the definition steps, else "fixed"), or the
+        ``--solver`` file's with ``--iters`` / ``--lr`` applied."""
+        if self.solver_param is not None:
+            sp = caffe_pb2.SolverParameter()
+            sp.CopyFrom(self.solver_param)
+            if self.iters is not None:
+                sp.max_iter = self.iters
+            return sp
         sp = caffe_pb2.SolverParameter(type="SGD", base_lr=self.base_lr, momentum=self.momentum,
                                        weight_decay=self.weight_decay, max_iter=max_iter, lr_policy="fixed")
         if stepsize:
@@ -416,6 +424,14 @@ def experiment_from_args(args: argparse.Namespace) -> Experiment:
     if args.mlp_layers is not None:
         overrides["mlp_layers"] = tuple(v for v in args.mlp_layers.split(",") if v)
     config = ProbeConfig.named(args.probe, **overrides)
+    if args.solver:
+        from converter.io import read_solver
+        from runner.solver import check_solver
+
+        config.solver_param = read_solver(args.solver)
+        if args.lr is not None:
+            config.solver_param.base_lr = args.lr
+        check_solver(config.solver_param, args.solver)
     partitions: list[tuple[list[Sample], list[Sample] | None]] = []
     if args.sun_dir:
         for k in _ints(args.sun_partitions, "--sun-partitions"):

@@ -31,6 +31,9 @@ def add_probe_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--crop-size", type=int, default=None)
     p.add_argument("--resize", default=None, help="H,W before the transform (default: the mean's or the net's)")
     p.add_argument("--pad-square", action="store_true", help="zero-pad to a square first (the thesis' SUN prep)")
+    p.add_argument("--solver", default=None,
+                   help="a Caffe solver prototxt whose update rule, learning-rate policy and max_iter train every "
+                   "probe (e.g. prototxt/transfer/sun397_probe_solver.prototxt); --iters and --lr still override")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="probe training batch")

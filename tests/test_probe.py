@@ -237,6 +237,31 @@ def test_probe_sgd_step_is_caffe_s():
     assert len(losses) == 2
 
 
+def test_probe_trains_with_a_solver_file(tmp_path):
+    """`egomotion probe --solver FILE`: the file's rule and rates train the probe (here Nesterov, lr 0.2, no
+    momentum history at the first step: w -= (1 + m) lr g), by hand in float64."""
+    from converter.io import read_solver
+
+    (tmp_path / "s.prototxt").write_text('type: "Nesterov" base_lr: 0.2 momentum: 0.5 lr_policy: "fixed" '
+                                         "weight_decay: 0 max_iter: 1\n")
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 3)).astype(np.float32)
+    y = np.array([0, 1, 2, 1])
+    config = ProbeConfig.named("linear", batch_size=4, dropout=0.0)
+    config.solver_param = read_solver(tmp_path / "s.prototxt")
+    probe, losses = train_probe(torch.from_numpy(x), torch.from_numpy(y), 3, config, 0, seed=5)
+    w = (torch.randn(3, 3, generator=torch.Generator().manual_seed(5)) * 0.005).double().numpy()
+    order = np.random.default_rng(5).permutation(4)
+    xb, yb = x[order].astype(np.float64), y[order]
+    z = xb @ w.T + 1
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    p[np.arange(4), yb] -= 1
+    w_expected = w - 1.5 * 0.2 * (p / 4).T @ xb  # Nesterov's first step: (1 + momentum) * lr * g
+    np.testing.assert_allclose(probe.layers[0].weight.detach().numpy(), w_expected, rtol=1e-5, atol=1e-7)
+    assert len(losses) == 1
+
+
 def test_probe_definitions():
     thesis = ProbeConfig.named("thesis")
     assert (thesis.iters, thesis.base_lr, thesis.batch_size, thesis.hidden) == (10000, 0.001, 125, 1000)

@@ -99,13 +99,13 @@ def test_conformance_net_builds(name, phase):
     assert net.num_parameters() > 0
 
 
-def test_building_alexnet_takes_under_a_second():
-    import time
-
+def test_building_alexnet_counts_its_parameters():
+    """BVLC AlexNet builds with its 60,965,224 parameters, counted by hand from the prototxt: conv1 34,944;
+    conv2 307,456 and conv4 663,936 and conv5 442,624 (group 2); conv3 885,120; fc6 37,752,832; fc7 16,781,312;
+    fc8 4,097,000. (Its build time is measured in benchmarks/bench_converter.py, not asserted here.)"""
     proto = filter_net(read_net(require(CONFORMANCE / "07_bvlc_alexnet_train_val.prototxt")), net_state("TRAIN"))
-    start = time.perf_counter()
-    CaffeNet(proto, {"data": (256, 3, 227, 227), "label": (256,)})
-    assert time.perf_counter() - start < 1.0
+    net = CaffeNet(proto, {"data": (256, 3, 227, 227), "label": (256,)})
+    assert net.num_parameters() == 34_944 + 307_456 + 885_120 + 663_936 + 442_624 + 37_752_832 + 16_781_312 + 4_097_000
 
 
 DEPLOY_LENET = """name: "LeNet"
