@@ -9,6 +9,7 @@ their loss_weight; ``--top-diff`` sets the gradient arriving at other output blo
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,49 +47,73 @@ def _load_array(name: str, path: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 
+@dataclass
+class Pass:
+    """One forward pass kept for its backward: every blob, each blob's first value (what Caffe's diff refers
+    to), and the loss."""
+
+    net: CaffeNet
+    blobs: dict[str, torch.Tensor]
+    firsts: dict[str, torch.Tensor]
+    loss: torch.Tensor
+
+    def backward(self, top_diffs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """``Net::Backward``: loss layers seed their gradient with their loss_weight, ``top_diffs`` arrive at
+        the other outputs; parameter gradients land in each parameter's ``.grad`` (zeroed by the forward, in
+        place); returns every blob's diff."""
+        roots, grads = [], []
+        if self.loss.requires_grad:
+            roots.append(self.loss)
+            grads.append(torch.ones_like(self.loss))
+        for name, diff in top_diffs.items():
+            top = self.blobs[name]
+            if tuple(diff.shape) != tuple(top.shape):
+                raise CaffeError(f"top diff {name}: shape {tuple(diff.shape)} != blob shape {tuple(top.shape)}")
+            if top.requires_grad:
+                roots.append(top)
+                grads.append(diff)
+        if roots:
+            torch.autograd.backward(roots, grads)
+        return {name: (t.grad if t.grad is not None else torch.zeros_like(t)).detach().numpy()
+                for name, t in self.firsts.items()}
+
+
+def run_graph(net: CaffeNet, inputs: dict[str, torch.Tensor]) -> Pass:
+    """A forward pass that records what :meth:`Pass.backward` needs; parameter gradients are zeroed in place
+    (their tensors stay the ones a caller may hold, as pycaffe's ``diff`` arrays)."""
+    inputs = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    versions: dict[str, list[torch.Tensor]] = {}
+    for p in net.params:
+        if p.grad is not None:
+            p.grad.zero_()
+    blobs = net.forward(inputs, versions)
+    loss = net.loss(blobs)
+    firsts = {name: vs[0] for name, vs in versions.items()}
+    for t in firsts.values():
+        if t.requires_grad and not t.is_leaf:
+            t.retain_grad()
+    return Pass(net, blobs, firsts, loss)
+
+
 def run_forward(net: CaffeNet, inputs: dict[str, torch.Tensor], backward: bool,
                 top_diffs: dict[str, torch.Tensor]) -> tuple[dict, dict, dict, torch.Tensor]:
     """(blobs, blob diffs, param diffs, loss). Diffs refer to each blob's first value, as Caffe's do."""
     for name in top_diffs:
         if name not in net.outputs:
             raise CaffeError(f"--top-diff {name}: not an output blob of the net (outputs: {', '.join(net.outputs)})")
-    if backward:
-        inputs = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
-    versions: dict[str, list[torch.Tensor]] = {}
-    with torch.set_grad_enabled(backward):
-        for v in net.params:
-            v.grad = None
-        blobs = net.forward(inputs, versions)
-        loss = net.loss(blobs)
-    blob_diffs: dict[str, np.ndarray] = {}
+    if not backward:
+        with torch.no_grad():
+            blobs = net.forward(inputs)
+            return blobs, {}, {}, net.loss(blobs)
+    graph = run_graph(net, inputs)
+    blob_diffs = graph.backward(top_diffs)
     param_diffs: dict[str, np.ndarray] = {}
-    if backward:
-        firsts = {name: vs[0] for name, vs in versions.items()}
-        for t in firsts.values():
-            if t.requires_grad and not t.is_leaf:
-                t.retain_grad()
-        roots, grads = [], []
-        if loss.requires_grad:
-            roots.append(loss)
-            grads.append(torch.ones_like(loss))
-        for name, diff in top_diffs.items():
-            top = blobs[name]
-            if tuple(diff.shape) != tuple(top.shape):
-                raise CaffeError(f"--top-diff {name}: shape {tuple(diff.shape)} != blob shape {tuple(top.shape)}")
-            if top.requires_grad:
-                roots.append(top)
-                grads.append(diff)
-        if roots:
-            torch.autograd.backward(roots, grads)
-        for name, t in firsts.items():
-            g = t.grad
-            blob_diffs[name] = (g if g is not None else torch.zeros_like(t)).detach().numpy()
-        for lp, uses in zip(net.layer_params, net.blob_uses, strict=True):
-            for j, use in enumerate(uses):
-                p = net.params[use.learnable]
-                g = p.grad if p.grad is not None else torch.zeros_like(p)
-                param_diffs[f"{lp.name}.{j}"] = g.detach().reshape(use.shape).numpy()
-    return blobs, blob_diffs, param_diffs, loss.detach()
+    for lp, uses in zip(net.layer_params, net.blob_uses, strict=True):
+        for j, use in enumerate(uses):
+            p = net.params[use.learnable]
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            param_diffs[f"{lp.name}.{j}"] = g.detach().reshape(use.shape).numpy()
+    return graph.blobs, blob_diffs, param_diffs, graph.loss.detach()
 
 
 def forward(args: argparse.Namespace) -> int:

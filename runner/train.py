@@ -160,6 +160,7 @@ class Trainer:
                 if loss.requires_grad:
                     loss.backward()
             total = f32(total + f32(loss.item()))
+        self.last_blobs = blobs  # what pycaffe's solver.net.blobs shows after a step
         mean = float(f32(total / f32(sp.iter_size)))
         if self.ddp is not None:
             mean = distributed.mean_scalar(mean, self.device)
@@ -259,6 +260,7 @@ class Trainer:
             self.records: list[Record] = []
             self.tests: list[tuple[int, int, str, float]] = []
             self.stopped_early = False
+            self.last_blobs: dict[str, torch.Tensor] | None = None
             self.last_snapshot_iter = -1
             self.log.line("solver.cpp:57", "Solver scaffolding done.")
             self.csv = Csv((opts.csv or str(folder / "train.csv")) if root else None, bool(opts.snapshot),

@@ -1,0 +1,278 @@
+"""``caffe.Net``, ``caffe.Blob`` and the module-level switches of pycaffe's ``_caffe`` extension."""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from converter import caffe_pb2
+from converter.errors import CaffeError
+from converter.io import filter_net, net_state, read_net
+from converter.layers.base import supported_types
+from converter.net import CaffeNet
+from converter.weights import load_weights, save_weights
+
+TRAIN = caffe_pb2.TRAIN
+TEST = caffe_pb2.TEST
+_MODE = {"device": "cpu"}
+
+
+def set_mode_cpu() -> None:
+    _MODE["device"] = "cpu"
+
+
+def set_mode_gpu() -> None:
+    if not torch.cuda.is_available():
+        raise CaffeError("set_mode_gpu: no CUDA device (Caffe built for CPU refuses it too)")
+    _MODE["device"] = f"cuda:{torch.cuda.current_device()}"
+
+
+def set_device(device_id: int) -> None:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(device_id)
+
+
+def set_random_seed(seed: int) -> None:
+    """Caffe::set_random_seed: the fillers and the Dropout masks of nets built afterwards."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def layer_type_list() -> list[str]:
+    return supported_types()
+
+
+class Blob:
+    """A named blob: ``data`` and ``diff`` are numpy arrays; writing into them writes into the net."""
+
+    def __init__(self, data: np.ndarray, diff: np.ndarray | None = None):
+        self.data = data
+        self.diff = diff if diff is not None else np.zeros_like(data)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def count(self) -> int:
+        return int(self.data.size)
+
+    @property
+    def num(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def channels(self) -> int:
+        return self.shape[1] if len(self.shape) > 1 else 1
+
+    @property
+    def height(self) -> int:
+        return self.shape[2] if len(self.shape) > 2 else 1
+
+    @property
+    def width(self) -> int:
+        return self.shape[3] if len(self.shape) > 3 else 1
+
+    def reshape(self, *shape: int) -> None:
+        self.data = np.zeros(shape, np.float32)
+        self.diff = np.zeros(shape, np.float32)
+
+
+class _Layer:
+    """``net.layers[i]``: its type and its learnable blobs."""
+
+    def __init__(self, lp: caffe_pb2.LayerParameter, blobs: list[Blob]):
+        self.type = lp.type
+        self.blobs = blobs
+
+
+class Net:
+    """``caffe.Net(prototxt, phase)``, ``caffe.Net(prototxt, weights, phase)``, or the keyword forms
+    (``weights=``, ``phase=``, and ``level=``, ``stages=`` as pycaffe)."""
+
+    def __init__(self, network_file: str, *args, phase: int | None = None, weights: str | None = None,
+                 level: int = 0, stages: list[str] | tuple[str, ...] = ()):
+        rest = list(args)
+        if rest and isinstance(rest[-1], int) and phase is None:
+            phase = rest.pop()
+        if rest and weights is None:
+            weights = rest.pop(0)
+        if rest or phase is None:
+            raise CaffeError("Net(network_file, phase) or Net(network_file, weights, phase), phase caffe.TRAIN/TEST")
+        proto = filter_net(read_net(network_file), net_state(phase, level, list(stages)), network_file)
+        from runner.netsetup import input_shapes
+
+        self._attach(CaffeNet(proto, input_shapes(proto, phase)), proto, phase)
+        if weights:
+            self.copy_from(weights)
+
+    @classmethod
+    def _wrap(cls, net: CaffeNet, proto: caffe_pb2.NetParameter, phase: int) -> Net:
+        self = cls.__new__(cls)
+        self._attach(net, proto, phase)
+        return self
+
+    def _attach(self, net: CaffeNet, proto: caffe_pb2.NetParameter, phase: int) -> None:
+        self._net, self._proto, self._phase = net, proto, phase
+        self._feeder = None
+        self._graph = None
+        self.blobs: OrderedDict[str, Blob] = OrderedDict()
+        for name, shape in net.blob_shapes.items():
+            self.blobs[name] = Blob(np.zeros(shape, np.float32))
+        self.params: OrderedDict[str, list[Blob]] = OrderedDict()
+        self.layers: list[_Layer] = []
+        for p in net.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        for lp, uses in zip(net.layer_params, net.blob_uses, strict=True):
+            blobs = [Blob(net.params[u.learnable].detach().view(u.shape).numpy(),
+                          net.params[u.learnable].grad.view(u.shape).numpy()) for u in uses]
+            self.layers.append(_Layer(lp, blobs))
+            if blobs:
+                self.params[lp.name] = blobs
+        self.layer_dict = OrderedDict((lp.name, layer) for lp, layer in zip(net.layer_params, self.layers,
+                                                                             strict=True))
+
+    # -- names -----------------------------------------------------------------------------------------
+    @property
+    def _layer_names(self) -> list[str]:
+        return [lp.name for lp in self._net.layer_params]
+
+    @property
+    def top_names(self) -> OrderedDict[str, list[str]]:
+        return OrderedDict((lp.name, list(lp.top)) for lp in self._net.layer_params)
+
+    @property
+    def bottom_names(self) -> OrderedDict[str, list[str]]:
+        return OrderedDict((lp.name, list(lp.bottom)) for lp in self._net.layer_params)
+
+    @property
+    def inputs(self) -> list[str]:
+        return [t for layer in self._net.data_layers if layer.type == "Input" for t in layer.tops]
+
+    @property
+    def outputs(self) -> list[str]:
+        from runner.netsetup import output_order
+
+        return output_order(self._net)
+
+    # -- passes ----------------------------------------------------------------------------------------
+    def _inputs(self) -> dict[str, torch.Tensor]:
+        """The data layers' tops: Input blobs from their ``data`` arrays, Data layers from their sources."""
+        feeds = {}
+        sourced = [layer for layer in self._net.data_layers if layer.type != "Input"]
+        if sourced:
+            if self._feeder is None:
+                from runner.data import NetFeeder
+
+                self._feeder = NetFeeder(self._proto, self._phase)
+            batch = self._feeder.next()
+            for name, value in batch.items():
+                self.blobs[name].data = value.numpy().copy()
+        for layer in self._net.data_layers:
+            for top in layer.tops:
+                feeds[top] = torch.from_numpy(np.ascontiguousarray(self.blobs[top].data, np.float32)).clone()
+        return feeds
+
+    def forward(self, blobs: list[str] | None = None, start: str | None = None, end: str | None = None,
+                **kwargs: np.ndarray) -> dict[str, np.ndarray]:
+        """``Net.forward``: set the given input blobs, run the net, return the outputs (and ``blobs``)."""
+        if start is not None or end is not None:
+            raise CaffeError("forward(start=, end=) is not supported: run the whole net")
+        for name, value in kwargs.items():
+            if name not in self.blobs:
+                raise CaffeError(f"forward: '{name}' is not a blob of the net")
+            self.blobs[name].data[...] = value
+        from runner.forward import run_graph
+
+        self._graph = run_graph(self._net, self._inputs())
+        for name, value in self._graph.blobs.items():
+            self._set(name, value.detach().numpy())
+        return {name: self.blobs[name].data for name in [*self.outputs, *(blobs or [])]}
+
+    def _set(self, name: str, value: np.ndarray) -> None:
+        blob = self.blobs[name]
+        if blob.data.shape != value.shape:
+            blob.data = np.empty(value.shape, np.float32)
+            blob.diff = np.zeros(value.shape, np.float32)
+        np.copyto(blob.data, value)
+
+    def backward(self, diffs: list[str] | None = None, start: str | None = None, end: str | None = None,
+                 **kwargs: np.ndarray) -> dict[str, np.ndarray]:
+        """``Net.backward``: the loss layers' gradients plus the ``diff`` of each output blob (or the given
+        ones), into every blob's and parameter's ``diff``; returns the input blobs' diffs (and ``diffs``)."""
+        if self._graph is None:
+            raise CaffeError("backward: call forward first")
+        if start is not None or end is not None:
+            raise CaffeError("backward(start=, end=) is not supported: run the whole net")
+        tops = {name: torch.from_numpy(np.ascontiguousarray(kwargs.get(name, self.blobs[name].diff), np.float32))
+                for name in self.outputs if name not in dict(self._net.loss_blobs())}
+        blob_diffs = self._graph.backward(tops)
+        for name, diff in blob_diffs.items():
+            if self.blobs[name].diff.shape != diff.shape:
+                self.blobs[name].diff = np.zeros(diff.shape, np.float32)
+            np.copyto(self.blobs[name].diff, diff)
+        self._graph = None
+        return {name: self.blobs[name].diff for name in [*self.inputs, *(diffs or [])]}
+
+    def forward_all(self, blobs: list[str] | None = None, **kwargs: np.ndarray) -> dict[str, np.ndarray]:
+        """Forward every item of the given inputs in batches of the net's size; outputs concatenated."""
+        names = [*self.outputs, *(blobs or [])]
+        if not kwargs:
+            return self.forward(blobs)
+        count = len(next(iter(kwargs.values())))
+        batch = self.blobs[next(iter(kwargs))].data.shape[0]
+        out: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        for i in range(0, count, batch):
+            chunk = {k: v[i:i + batch] for k, v in kwargs.items()}
+            pad = batch - len(next(iter(chunk.values())))
+            if pad:
+                chunk = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in chunk.items()}
+            result = self.forward(blobs, **chunk)
+            for n in names:
+                out[n].append(result[n][:batch - pad].copy())
+        return {n: np.concatenate(v) for n, v in out.items()}
+
+    def forward_backward_all(self, blobs=None, diffs=None, **kwargs):
+        forward = self.forward_all(blobs, **{k: v for k, v in kwargs.items() if k in self.inputs})
+        backward = self.backward(diffs)
+        return forward, backward
+
+    def reshape(self) -> None:
+        """Rebuild the module for the input blobs' current shapes (weights kept)."""
+        shapes = {name: self.blobs[name].data.shape for layer in self._net.data_layers for name in layer.tops}
+        old = self._net
+        net = CaffeNet(self._proto, shapes)
+        with torch.no_grad():
+            for p, q in zip(net.params, old.params, strict=True):
+                p.copy_(q)
+        data = {name: self.blobs[name].data for name in shapes}
+        self._attach(net, self._proto, self._phase)
+        for name, value in data.items():
+            self.blobs[name].data = value
+
+    def set_input_arrays(self, data: np.ndarray, labels: np.ndarray) -> None:
+        """MemoryData's input: the first data layer's tops get ``data`` and ``labels``."""
+        tops = self._net.data_layers[0].tops
+        self.blobs[tops[0]].data = np.ascontiguousarray(data, np.float32)
+        self.blobs[tops[1]].data = np.ascontiguousarray(labels, np.float32).reshape(len(labels))
+
+    def copy_from(self, weights: str) -> None:
+        """``CopyTrainedLayersFrom``: same-named layers take the file's blobs, in place."""
+        load_weights(self._net, weights)
+
+    def share_with(self, other: Net) -> None:
+        """``ShareTrainedLayersWith``: same-named layers use ``other``'s parameter tensors."""
+        from runner.netsetup import share_trained_layers
+
+        share_trained_layers(self._net, other._net)
+        self._attach(self._net, self._proto, self._phase)
+
+    def save(self, filename: str) -> None:
+        """A .caffemodel (BVLC Caffe reads it)."""
+        save_weights(self._net, Path(filename))

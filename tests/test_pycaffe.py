@@ -1,0 +1,188 @@
+"""``import caffe``: pycaffe's API on our core, pinned to BVLC Caffe's golden outputs and to ``egomotion train``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from converter.io import filter_net, net_state, read_net, read_solver, write_message
+from converter.net import CaffeNet
+from tests.golden import BWD_ATOL, BWD_RTOL, FWD_ATOL, FWD_RTOL, GOLDEN, assert_close, file_name, require_golden
+from tests.test_golden_nets import LAYER_CASES, oracle_runs
+
+caffe = pytest.importorskip("caffe")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("case", LAYER_CASES)
+def test_net_forward_backward_is_caffes_on_every_golden_layer_case(case, monkeypatch):
+    require_golden()
+    folder = GOLDEN / case
+    monkeypatch.chdir(folder)
+    for run in oracle_runs(case):
+        phase = caffe.TRAIN if run["phase"] == "TRAIN" else caffe.TEST
+        net = caffe.Net(run["model"], run["weights"], phase)
+        inputs = {k: np.load(p) for k, p in run["inputs"].items()}
+        if any(net.blobs[k].data.shape != v.shape for k, v in inputs.items()):
+            for k, v in inputs.items():
+                net.blobs[k].reshape(*v.shape)
+            net.reshape()
+        out = net.forward(**inputs)
+        assert set(out) == set(net.outputs)
+        for name, blob in net.blobs.items():
+            path = folder / "blobs" / f"{file_name(name)}.npy"
+            if path.exists():
+                assert_close(blob.data, np.load(path), f"{case}: blob {name}", FWD_RTOL, FWD_ATOL)
+        if not run["backward"]:
+            continue
+        diffs = {k: np.load(p) for k, p in run["top_diffs"].items()}
+        net.backward(**diffs)
+        compared = 0
+        for name, blob in net.blobs.items():
+            path = folder / "diffs" / f"{file_name(name)}.npy"
+            if path.exists():
+                assert_close(blob.diff, np.load(path), f"{case}: diff {name}", BWD_RTOL, BWD_ATOL)
+                compared += 1
+        for layer, blobs in net.params.items():
+            for i, blob in enumerate(blobs):
+                path = folder / "param_diffs" / f"{file_name(layer)}.{i}.npy"
+                if path.exists():
+                    assert_close(blob.diff, np.load(path).reshape(blob.diff.shape), f"{case}: {layer}.{i}",
+                                 BWD_RTOL, BWD_ATOL)
+                    compared += 1
+        assert compared, f"{case}: nothing compared after backward"
+
+
+def test_params_write_through_and_save_loads_back(tmp_path):
+    require_golden()
+    net = caffe.Net(str(GOLDEN / "ip" / "net.prototxt"), caffe.TEST)
+    layer = next(iter(net.params))
+    net.params[layer][0].data[...] = 0.25
+    assert float(net._net.params[0].detach().flatten()[0]) == 0.25  # the module sees the write
+    net.save(str(tmp_path / "w.caffemodel"))
+    other = caffe.Net(str(GOLDEN / "ip" / "net.prototxt"), str(tmp_path / "w.caffemodel"), caffe.TEST)
+    np.testing.assert_array_equal(other.params[layer][0].data, net.params[layer][0].data)
+    assert net._layer_names == list(net.layer_dict) and net.layers[0].type == net.layer_dict[net._layer_names[0]].type
+
+
+@pytest.mark.parametrize("case", ["sgd_inv", "adam"])
+def test_solver_step_is_egomotion_train(case, tmp_path, monkeypatch):
+    """solver.step(1) N times gives the losses `egomotion train` gives and Caffe's (its case tolerance);
+    solver.net.blobs['loss'] holds each iteration's loss. Same solver, same data, same seeds: the two agree to
+    the last float32 bit for most of the run; where they part it is by one unit in the last place (the
+    matrix kernels' blocking follows where the allocator put the buffers, which the step-by-step caller's
+    kept blobs change), hence 1e-6 and not equality."""
+    from runner.train import TrainOptions, run
+
+    folder = GOLDEN / case
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is absent")
+    monkeypatch.chdir(folder)
+    torch.set_num_threads(1)
+    sp = read_solver("solver.prototxt")
+    sp.net = str(folder / sp.net)
+    sp.snapshot_prefix = str(tmp_path / "final")
+    sp.snapshot_after_train = False
+    write_message(tmp_path / "solver.prototxt", sp)
+    init = "init.caffemodel" if (folder / "init.caffemodel").exists() else "../_data/lenet_init.caffemodel"
+    solver = caffe.get_solver(str(tmp_path / "solver.prototxt"))
+    solver.net.copy_from(init)
+    losses = []
+    for _ in range(sp.max_iter):
+        solver.step(1)
+        losses.append(float(solver.net.blobs["loss"].data))
+    assert solver.iter == sp.max_iter
+    reference = run(sp, str(tmp_path / "solver.prototxt"),
+                    TrainOptions(weights=[init], log=str(tmp_path / "log"), progress=False))
+    by_iter = {r.iter: r.loss for r in reference.records}
+    np.testing.assert_allclose(losses, [by_iter[i] for i in range(sp.max_iter)], rtol=1e-6)
+    assert losses[:20] == [by_iter[i] for i in range(20)]
+    caffe_losses = [float(line.split("\t")[1]) for line in (folder / "losses.tsv").read_text().splitlines()[1:]]
+    np.testing.assert_allclose(losses, caffe_losses[:sp.max_iter], rtol=1e-4)
+    with pytest.raises(Exception, match="NesterovSolver for a solver of type"):
+        sp.type = "Adam"
+        write_message(tmp_path / "adam.prototxt", sp)
+        caffe.NesterovSolver(str(tmp_path / "adam.prototxt"))
+
+
+def test_netspec_writes_the_thesis_classifier():
+    """The thesis's classifier as its scripts wrote it (NetSpec, in-place ReLU/Dropout, frozen convolutions by
+    param, ntop=2): the same layers as prototxt/mnist/classifier_train_val.prototxt (TRAIN), built alike."""
+    from caffe import layers as L
+    from caffe import params as P
+
+    frozen = [dict(lr_mult=0, decay_mult=0)] * 2
+    learn = [dict(lr_mult=1, decay_mult=1), dict(lr_mult=2, decay_mult=0)]
+    n = caffe.NetSpec()
+    n.digits, n.label = L.Data(source="x", batch_size=125, backend=P.Data.LMDB, ntop=2,
+                               transform_param=dict(scale=0.00392156862745098))
+    n.conv1 = L.Convolution(n.digits, num_output=96, kernel_size=11, stride=4, param=frozen,
+                            weight_filler=dict(type="gaussian", std=0.01), bias_filler=dict(type="constant", value=0.1))
+    n.relu1 = L.ReLU(n.conv1, in_place=True)
+    n.pool1 = L.Pooling(n.relu1, pool=P.Pooling.MAX, kernel_size=3, stride=2)
+    n.norm1 = L.LRN(n.pool1, local_size=5, alpha=0.0001, beta=0.75)
+    n.conv2 = L.Convolution(n.norm1, num_output=256, kernel_size=5, pad=2, group=2, param=frozen,
+                            weight_filler=dict(type="gaussian", std=0.01), bias_filler=dict(type="constant", value=0.1))
+    n.relu2 = L.ReLU(n.conv2, in_place=True)
+    n.pool2 = L.Pooling(n.relu2, pool=P.Pooling.MAX, kernel_size=3, stride=2)
+    n.norm2 = L.LRN(n.pool2, local_size=5, alpha=0.0001, beta=0.75)
+    n.fc500 = L.InnerProduct(n.norm2, num_output=500, param=learn,
+                             weight_filler=dict(type="gaussian", std=0.005), bias_filler=dict(type="constant", value=0.1))
+    n.relu3 = L.ReLU(n.fc500, in_place=True)
+    n.drop3 = L.Dropout(n.relu3, dropout_ratio=0.5, in_place=True)
+    n.fc10 = L.InnerProduct(n.drop3, num_output=10, param=learn,
+                            weight_filler=dict(type="gaussian", std=0.005), bias_filler=dict(type="constant", value=0.1))
+    n.loss = L.SoftmaxWithLoss(n.fc10, n.label)
+    ours = n.to_proto()
+    theirs = filter_net(read_net(ROOT / "prototxt" / "mnist" / "classifier_train_val.prototxt"), net_state("TRAIN"))
+    ours.layer[0].data_param.source = theirs.layer[0].data_param.source
+    for lp in theirs.layer:
+        lp.ClearField("include")
+    assert [(lp.name, lp.type, list(lp.bottom), list(lp.top)) for lp in ours.layer] == \
+        [(lp.name, lp.type, list(lp.bottom), list(lp.top)) for lp in theirs.layer]
+    for a, b in zip(ours.layer, theirs.layer, strict=True):
+        assert a == b, a.name
+    shapes = {"digits": (2, 1, 28, 28), "label": (2,)}
+    built = [CaffeNet(p, shapes, torch.Generator().manual_seed(1)) for p in (ours, theirs)]
+    for p, q in zip(built[0].params, built[1].params, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_netspec_shares_params_by_name_and_names_layers_like_pycaffe():
+    from caffe import layers as L
+
+    n = caffe.NetSpec()
+    n.a = L.Input(shape=dict(dim=[1, 3]))
+    n.b = L.Input(shape=dict(dim=[1, 3]))
+    shared = [dict(name="w"), dict(name="bias")]
+    n.fa = L.InnerProduct(n.a, num_output=2, param=shared)
+    n.fb = L.InnerProduct(n.b, num_output=2, param=shared)
+    n.loss = L.EuclideanLoss(n.fa, n.fb)
+    proto = n.to_proto()
+    assert [lp.name for lp in proto.layer] == ["a", "b", "fa", "fb", "loss"]
+    net = CaffeNet(proto)
+    assert len(net.params) == 2  # one weight and one bias, shared by both towers
+    unnamed = caffe.to_proto(L.ReLU(L.Input(shape=dict(dim=[1])), in_place=True))
+    assert [(lp.name, list(lp.top)) for lp in unnamed.layer] == [("Input1", ["Input1"]), ("ReLU1", ["Input1"])]
+
+
+def test_module_switches_and_schema():
+    import caffe.proto.caffe_pb2 as pb
+
+    from converter import caffe_pb2
+
+    assert pb is caffe_pb2 and (caffe.TRAIN, caffe.TEST) == (0, 1)
+    assert "Convolution" in caffe.layer_type_list() and "ContrastiveLoss" in caffe.layer_type_list()
+    caffe.set_mode_cpu()
+    caffe.set_random_seed(3)
+    if not torch.cuda.is_available():
+        with pytest.raises(Exception, match="no CUDA"):
+            caffe.set_mode_gpu()
+    datum = caffe.io.array_to_datum(np.arange(24, dtype=np.uint8).reshape(2, 3, 4), label=7)
+    assert datum.label == 7 and (caffe.io.datum_to_array(datum) == np.arange(24).reshape(2, 3, 4)).all()
+    arrays = [np.ones((2, 3), np.float32), np.zeros((1, 1, 2, 2), np.float32)]
+    back = caffe.io.blobprotovector_str_to_arraylist(caffe.io.arraylist_to_blobprotovector_str(arrays))
+    assert [a.shape for a in back] == [(2, 3), (1, 1, 2, 2)]
