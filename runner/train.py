@@ -71,7 +71,6 @@ class Trainer:
         self.log.line("solver.cpp:290", f"Learning Rate Policy: {sp.lr_policy}")
         self.signals = Signals(self.opts.sigint_effect, self.opts.sighup_effect)
         try:
-            self.start_iter = self.solver.iter
             self.step(sp.max_iter - self.solver.iter)
             if self.rank == 0 and sp.snapshot_after_train and self.last_snapshot_iter != self.solver.iter \
                     and (not sp.snapshot or self.solver.iter % sp.snapshot != 0):
@@ -101,6 +100,7 @@ class Trainer:
         """``Solver::Step``."""
         sp, solver = self.sp, self.solver
         stop_iter = solver.iter + iters
+        self.start_iter = solver.iter  # Solver::Step's start_iter: the smoothed-loss ring restarts per call
         self.losses: list[np.float32] = []
         self.smoothed = f32(0)
         timer, iterations_last = time.perf_counter(), solver.iter
