@@ -76,6 +76,13 @@ class BlobUse:
     propagate: bool
 
 
+def _with_top(lp: caffe_pb2.LayerParameter, top: str) -> caffe_pb2.LayerParameter:
+    copy = caffe_pb2.LayerParameter()
+    copy.CopyFrom(lp)
+    copy.top.append(top)
+    return copy
+
+
 class CaffeNet(nn.Module):
     """A Caffe net as a module. ``forward(inputs)`` returns every blob by name; see :meth:`loss`."""
 
@@ -105,11 +112,17 @@ class CaffeNet(nn.Module):
         consumed: set[str] = set()
         unknown: set[str] = set()  # blobs downstream of a data layer with missing shapes
         param_index: dict[str, int] = {}
+        anonymous: set[str] = set()
         for lp in net.layer:
             if lp.name in names:
                 raise layer_error(lp.name, lp.type, "a layer with this name already exists")
             names.add(lp.name)
             cls = layer_class(lp)
+            if not lp.top and cls.is_loss:
+                # Caffe's AutoTopBlobs: a loss layer without a top gets an anonymous one, which counts in the
+                # loss but is no net output and no other layer's input (Net::Init's "(automatic)" tops).
+                lp = _with_top(lp, f"(automatic) {lp.name}")
+                anonymous.add(lp.top[0])
             for b in lp.bottom:
                 if b not in self.blob_shapes and b not in unknown:
                     raise layer_error(lp.name, lp.type, f"unknown bottom blob '{b}' (no earlier layer "
@@ -119,6 +132,7 @@ class CaffeNet(nn.Module):
                     raise layer_error(lp.name, lp.type, f"top blob '{t}' is produced by multiple layers")
             consumed.update(lp.bottom)
             if any(b in unknown for b in lp.bottom):
+                cls.check_counts(lp)
                 unknown.update(lp.top)
                 continue
             bottom_shapes = [self.blob_shapes[b] for b in lp.bottom]
@@ -145,7 +159,7 @@ class CaffeNet(nn.Module):
             self.layers.append(layer)
             self.blob_uses.append(self._append_params(lp, layer, param_index, generator))
             self.loss_weights.append(self._loss_weights(lp, layer))
-        self.outputs = [b for b in self.blob_shapes if b not in consumed]
+        self.outputs = [b for b in self.blob_shapes if b not in consumed and b not in anonymous]
         # What forward and loss walk on every call, resolved once (protobuf fields are slow to iterate).
         self._steps = [(i, layer, tuple(lp.bottom), tuple(lp.top))
                        for i, (lp, layer) in enumerate(zip(self.layer_params, self.layers, strict=True))

@@ -278,3 +278,15 @@ def test_malformed_file_gives_one_clear_line(name, monkeypatch, capsys):
     assert len(lines) == 1, captured.err
     prefix = "egomotion check: error: "
     assert lines[0].startswith(prefix + EXPECTED_ERRORS[name]), lines[0]
+
+
+def test_check_without_data_still_counts_tops_and_bottoms(tmp_path, capsys):
+    """`egomotion check` of a net whose LMDB is absent (so no shapes): Caffe's blob counts are still checked."""
+    from runner.cli import main
+
+    (tmp_path / "net.prototxt").write_text(
+        'layer { name: "d" type: "Data" top: "x" top: "y" data_param { source: "absent_lmdb" batch_size: 2 } }\n'
+        'layer { name: "ip" type: "InnerProduct" bottom: "x" top: "a" top: "b" inner_product_param { num_output: 2 } }\n')
+    assert main(["check", str(tmp_path / "net.prototxt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("layer 'ip' (InnerProduct): takes 1 top blob(s), got 2"), err

@@ -158,3 +158,24 @@ def test_unknown_and_duplicate_blobs_are_refused():
         build('input: "x" input_shape { dim: 1 }\nlayer { name: "r" type: "ReLU" bottom: "nope" top: "y" }')
     with pytest.raises(CaffeError, match="no input given for top 'x'"):
         build('input: "x" input_shape { dim: 1 }\nlayer { name: "r" type: "ReLU" bottom: "x" top: "y" }')({})
+
+
+def test_a_loss_layer_without_a_top_gets_an_anonymous_one():
+    """Caffe 1.0's AutoTopBlobs: old V1 prototxts leave the loss layer's top out; the loss still counts, and
+    the anonymous top is not a net output."""
+    from converter.io import parse_net
+
+    text = """
+    input: "x" input_dim: 2 input_dim: 3 input_dim: 1 input_dim: 1
+    input: "label" input_dim: 2 input_dim: 1 input_dim: 1 input_dim: 1
+    layers { name: "ip" type: INNER_PRODUCT bottom: "x" top: "ip" inner_product_param { num_output: 4 } }
+    layers { name: "loss" type: SOFTMAX_LOSS bottom: "ip" bottom: "label" }
+    """
+    net = CaffeNet(parse_net(text))
+    assert net.outputs == []
+    x = torch.randn(2, 3, 1, 1)
+    label = torch.tensor([1.0, 3.0]).reshape(2, 1, 1, 1)
+    blobs = net({"x": x, "label": label})
+    logits = blobs["ip"]
+    expected = torch.nn.functional.cross_entropy(logits, label.flatten().long())  # mean over the batch
+    assert float(net.loss(blobs)) == pytest.approx(float(expected), rel=1e-6)

@@ -120,7 +120,7 @@ class Layer(nn.Module):
         self.type = lp.type
         self.phase = phase
         self.bottom_shapes = [tuple(s) for s in bottom_shapes]
-        self._check_counts(lp)
+        self.check_counts(lp)
         self.top_shapes: list[Shape] = []
 
     # -- helpers for subclasses ---------------------------------------------------------------
@@ -152,9 +152,11 @@ class Layer(nn.Module):
         self.check(-n <= axis < n, f"axis {axis} out of range for a {n}-axis blob")
         return axis % n if n else 0
 
-    def _check_counts(self, lp: caffe_pb2.LayerParameter) -> None:
-        for what, have, (lo, hi) in (("bottom", len(lp.bottom), self.num_bottoms),
-                                     ("top", len(lp.top), self.num_tops)):
+    @classmethod
+    def check_counts(cls, lp: caffe_pb2.LayerParameter) -> None:
+        """Caffe's CheckBlobCounts: needs no shapes, so a net whose data is absent is still checked."""
+        for what, have, (lo, hi) in (("bottom", len(lp.bottom), cls.num_bottoms),
+                                     ("top", len(lp.top), cls.num_tops)):
             if have < lo or (hi is not None and have > hi):
                 want = f"{lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo}..{hi}"
                 raise layer_error(lp.name, lp.type, f"takes {want} {what} blob(s), got {have}")
