@@ -117,28 +117,36 @@ def run_forward(net: CaffeNet, inputs: dict[str, torch.Tensor], backward: bool,
 
 
 def forward(args: argparse.Namespace) -> int:
+    """The ``egomotion forward`` verb: Input blobs from ``--input`` files, Data/ImageData layers' first batch
+    from their sources (as Caffe's Net::Forward reads them), one pass, everything dumped."""
+    from runner.data import NetFeeder
+    from runner.netsetup import input_shapes
+
     proto = read_net(args.model)
     proto = filter_net(proto, net_state(args.phase, 0, args.stage), args.model)
+    phase = proto.state.phase
     inputs = {name: _load_array(name, path) for name, path in args.input}
-    shapes = {name: tuple(t.shape) for name, t in inputs.items()}
+    sourced = [lp for lp in proto.layer if lp.type in ("Data", "ImageData")]
+    shapes = {**(input_shapes(proto, phase) if sourced else {}), **{n: tuple(t.shape) for n, t in inputs.items()}}
     net = CaffeNet(proto, shapes)
     unknown = [name for name in inputs if name not in net.input_shapes()]
     if unknown:
         raise CaffeError(f"--input {unknown[0]}: the net has no data blob of that name (data blobs: "
                          f"{', '.join(net.input_shapes()) or 'none'})")
+    if sourced:
+        with NetFeeder(proto, phase) as feeder:
+            for name, value in feeder.next().items():
+                inputs.setdefault(name, value)
     missing = [t for t in net.input_shapes() if t not in inputs]
     if missing:
         raise CaffeError(f"{args.model}: no --input given for data blob(s) {', '.join(missing)}")
-    for name, t in inputs.items():
-        if name in net.input_shapes() and tuple(t.shape) != net.input_shapes()[name]:
-            raise CaffeError(f"--input {name}: shape {tuple(t.shape)} != the net's {net.input_shapes()[name]}")
     if args.weights:
         for path in args.weights.split(","):
             load_weights(net, path)
     top_diffs = {name: _load_array(name, path) for name, path in args.top_diff}
     blobs, blob_diffs, param_diffs, loss = run_forward(net, inputs, args.backward, top_diffs)
     out = Path(args.dump)
-    for sub in ([out, out / "diffs", out / "param_diffs"] if args.backward else [out]):
+    for sub in [out, out / "params", *([out / "diffs", out / "param_diffs"] if args.backward else [])]:
         sub.mkdir(parents=True, exist_ok=True)
     for name, value in blobs.items():
         np.save(out / f"{file_name(name)}.npy", value.detach().numpy())
@@ -146,6 +154,10 @@ def forward(args: argparse.Namespace) -> int:
         np.save(out / "diffs" / f"{file_name(name)}.npy", value)
     for name, value in param_diffs.items():
         np.save(out / "param_diffs" / f"{file_name(name)}.npy", value)
+    for lp, uses in zip(net.layer_params, net.blob_uses, strict=True):  # after the pass: BatchNorm's statistics
+        for j, use in enumerate(uses):
+            value = net.params[use.learnable].detach().reshape(use.shape).numpy()
+            np.save(out / "params" / f"{file_name(lp.name)}.{j}.npy", value)
     (out / "loss.txt").write_text(f"{float(loss):.9g}\n")
     print(f"wrote {len(blobs)} blobs{f', {len(blob_diffs)} diffs' if args.backward else ''} to {out}; "
           f"loss = {float(loss):.6g}")

@@ -135,3 +135,43 @@ def test_forward_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert main(["forward", "--model", "net.prototxt", "--dump", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert re.fullmatch(r"egomotion forward: error: net\.prototxt: no --input given for data blob\(s\) .*", err)
+
+
+def test_forward_cli_reads_data_layers_bit_exact_on_the_transformer_case(tmp_path, monkeypatch):
+    """`egomotion forward` with no --input reads each Data layer's first batch from its LMDB and transforms it
+    as Caffe's DataTransformer: BVLC Caffe's own blobs, bit for bit."""
+    from runner.cli import main
+
+    require_golden()
+    folder = GOLDEN / "transformer"
+    monkeypatch.chdir(folder)
+    assert main(["forward", "--model", "net.prototxt", "--phase", "TEST", "--dump", str(tmp_path / "out")]) == 0
+    for path in sorted((folder / "blobs").glob("*.npy")):
+        np.testing.assert_array_equal(np.load(tmp_path / "out" / path.name), np.load(path), err_msg=path.name)
+
+
+def test_forward_cli_dumps_parameters_after_the_pass(tmp_path, monkeypatch):
+    """params/<layer>.<i>.npy hold the values after the pass: BatchNorm's running statistics in TRAIN, as the
+    golden bn case's params/ (Caffe's own)."""
+    from runner.cli import main
+
+    require_golden()
+    runs = [r for r in oracle_runs("bn") if r["phase"] == "TRAIN" and r["backward"]]
+    if not runs:
+        pytest.skip("no TRAIN run in the bn case")
+    run = runs[0]
+    folder = GOLDEN / "bn"
+    monkeypatch.chdir(folder)
+    argv = ["forward", "--model", run["model"], "--phase", "TRAIN", "--weights", run["weights"], "--backward",
+            "--dump", str(tmp_path / "out")]
+    for name, path in run["inputs"].items():
+        argv += ["--input", f"{name}={path}"]
+    for name, path in run["top_diffs"].items():
+        argv += ["--top-diff", f"{name}={path}"]
+    assert main(argv) == 0
+    ours_files = {p.name for p in (tmp_path / "out" / "params").glob("*.npy")}
+    expected = sorted(p.name for p in (folder / "params").glob("*.npy") if p.name in ours_files)
+    assert {"bn_train.0.npy", "bn_train.1.npy", "bn_train.2.npy"} <= set(expected), expected  # mean, var, factor
+    for name in expected:
+        ours = np.load(tmp_path / "out" / "params" / name)
+        assert_close(ours, np.load(folder / "params" / name).reshape(ours.shape), f"params/{name}", FWD_RTOL, FWD_ATOL)

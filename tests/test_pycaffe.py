@@ -192,3 +192,15 @@ def test_module_switches_and_schema():
     arrays = [np.ones((2, 3), np.float32), np.zeros((1, 1, 2, 2), np.float32)]
     back = caffe.io.blobprotovector_str_to_arraylist(caffe.io.arraylist_to_blobprotovector_str(arrays))
     assert [a.shape for a in back] == [(2, 3), (1, 1, 2, 2)]
+
+
+def test_net_forward_reads_data_layers_like_caffe(monkeypatch):
+    """caffe.Net.forward() with Data layers reads their sources and transforms as Caffe: the golden
+    transformer case's blobs, bit for bit; a second forward reads the next batch (here: the LMDB wraps)."""
+    require_golden()
+    folder = GOLDEN / "transformer"
+    monkeypatch.chdir(folder)
+    net = caffe.Net("net.prototxt", caffe.TEST)
+    net.forward()
+    for path in sorted((folder / "blobs").glob("*.npy")):
+        np.testing.assert_array_equal(net.blobs[path.stem].data, np.load(path), err_msg=path.name)
