@@ -33,8 +33,8 @@ class Parser(argparse.ArgumentParser):
 
 def _python_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-python-layers", action="store_true",
-                   help="accept nets with type: \"Python\" layers (they run arbitrary code; even then they are "
-                   "refused, as there is no Python layer runtime here, but with that reason)")
+                   help="run nets with type: \"Python\" layers (python_param names a module and class that are "
+                   "imported and run: only for files you trust)")
 
 
 def _shape(text: str) -> tuple[str, tuple[int, ...]]:

@@ -204,3 +204,66 @@ def test_net_forward_reads_data_layers_like_caffe(monkeypatch):
     net.forward()
     for path in sorted((folder / "blobs").glob("*.npy")):
         np.testing.assert_array_equal(net.blobs[path.stem].data, np.load(path), err_msg=path.name)
+
+
+PY_LAYER = '''
+import numpy as np
+import caffe
+
+
+class Scale(caffe.Layer):
+    """top = k * bottom, k from param_str; its backward by hand."""
+
+    def setup(self, bottom, top):
+        self.k = float(self.param_str)
+
+    def reshape(self, bottom, top):
+        top[0].reshape(*bottom[0].data.shape)
+
+    def forward(self, bottom, top):
+        top[0].data[...] = self.k * bottom[0].data
+
+    def backward(self, top, propagate_down, bottom):
+        if propagate_down[0]:
+            bottom[0].diff[...] = self.k * top[0].diff
+'''
+
+PY_NET = '''
+layer { name: "in" type: "Input" top: "x" top: "t" input_param { shape { dim: 2 dim: 3 } shape { dim: 2 dim: 4 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "x" top: "ip" inner_product_param { num_output: 4
+        weight_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "py" type: "Python" bottom: "ip" top: "scaled" python_param { module: "scale_layer" layer: "Scale"
+        param_str: "3" } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "scaled" bottom: "t" top: "loss" }
+'''
+
+
+def test_python_layers_run_in_pycaffe_and_with_the_flag(tmp_path, monkeypatch, capsys):
+    """A caffe.Layer subclass named by python_param: forward and the user's backward (gradients by hand),
+    built by caffe.Net; on the command line refused without --allow-python-layers, run with it."""
+    from runner.cli import main
+
+    (tmp_path / "scale_layer.py").write_text(PY_LAYER)
+    (tmp_path / "net.prototxt").write_text(PY_NET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    net = caffe.Net(str(tmp_path / "net.prototxt"), caffe.TRAIN)
+    rng = np.random.default_rng(0)
+    x, t = rng.standard_normal((2, 3)).astype(np.float32), rng.standard_normal((2, 4)).astype(np.float32)
+    net.forward(x=x, t=t)
+    w, b = net.params["ip"][0].data.astype(np.float64), net.params["ip"][1].data.astype(np.float64)
+    ip = x @ w.T + b
+    np.testing.assert_allclose(net.blobs["scaled"].data, 3 * ip, rtol=1e-6)
+    loss = ((3 * ip - t) ** 2).sum() / 2 / 2  # Euclidean: sum of squares / (2 N)
+    assert float(net.blobs["loss"].data) == pytest.approx(loss, rel=1e-6)
+    net.backward()
+    d_scaled = (3 * ip - t) / 2
+    np.testing.assert_allclose(net.params["ip"][0].diff, (3 * d_scaled).T @ x, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(net.blobs["x"].diff, (3 * d_scaled) @ w, rtol=1e-5, atol=1e-6)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "t.npy", t)
+    argv = ["forward", "--model", str(tmp_path / "net.prototxt"), "--input", f"x={tmp_path / 'x.npy'}",
+            "--input", f"t={tmp_path / 't.npy'}", "--dump", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert "Python layers run arbitrary code and are refused" in capsys.readouterr().err
+    assert main(["forward", "--allow-python-layers", *argv[1:]]) == 0
+    assert np.load(tmp_path / "out" / "scaled.npy").shape == (2, 4)

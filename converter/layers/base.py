@@ -49,31 +49,25 @@ _PYTHON_LAYERS_ALLOWED = False
 
 
 def allow_python_layers(allowed: bool) -> None:
-    """``--allow-python-layers``: the user vouches for the net's ``type: "Python"`` layers.
+    """Whether ``type: "Python"`` layers may be built (converter/layers/python.py runs them).
 
-    Without it a Python layer is refused as a security risk (``python_param`` names any module and class,
-    e.g. ``module: "os"``, and Caffe imports and runs it). With it the layer is still refused, for the
-    honest reason: this implementation has no Python layer runtime (Caffe's ``PythonLayer`` drives a
-    user class through pycaffe's Blob API, which does not exist here); reimplement it as a registered layer.
+    A Python layer names any module and class (``module: "os"`` …) and runs it, so it is refused unless the
+    user vouched for the net: ``--allow-python-layers`` on the command line, or a Python program that builds
+    the net through ``import caffe`` (as pycaffe always runs them).
     """
     global _PYTHON_LAYERS_ALLOWED
     _PYTHON_LAYERS_ALLOWED = bool(allowed)
 
 
-def _python_layer_error(lp: caffe_pb2.LayerParameter) -> CaffeError:
-    if not _PYTHON_LAYERS_ALLOWED:
-        return layer_error(lp.name, lp.type, "Python layers run arbitrary code and are refused (pass "
-                           "--allow-python-layers only for files you trust)")
-    p = lp.python_param
-    return layer_error(lp.name, lp.type, f"Python layers are not supported by this implementation (no Python "
-                       f"layer runtime; module '{p.module}', layer '{p.layer}'): write it as a registered "
-                       "layer in converter/layers/")
+def python_layers_allowed() -> bool:
+    return _PYTHON_LAYERS_ALLOWED
 
 
 def layer_class(lp: caffe_pb2.LayerParameter) -> type[Layer]:
     """The class registered for ``lp.type``, or a CaffeError naming the layer and the supported types."""
-    if lp.type == "Python":
-        raise _python_layer_error(lp)
+    if lp.type == "Python" and not _PYTHON_LAYERS_ALLOWED:
+        raise layer_error(lp.name, lp.type, "Python layers run arbitrary code and are refused (pass "
+                          "--allow-python-layers only for files you trust)")
     cls = _REGISTRY.get(lp.type)
     if cls is None:
         raise layer_error(lp.name, lp.type or "<no type>",

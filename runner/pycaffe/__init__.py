@@ -7,6 +7,7 @@ that share memory with the module's tensors (CPU mode), as pycaffe's share Caffe
 
 from __future__ import annotations
 
+from converter.layers.python import PythonLayerBase as Layer  # noqa: F401  (class MyLayer(caffe.Layer))
 from runner.pycaffe import io, net_spec  # noqa: F401  (caffe.io, caffe.net_spec as in pycaffe)
 from runner.pycaffe._caffe import (  # noqa: F401
     TEST,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections import OrderedDict
 from pathlib import Path
@@ -10,9 +11,10 @@ import numpy as np
 import torch
 
 from converter import caffe_pb2
+from converter.blob import Blob
 from converter.errors import CaffeError
 from converter.io import filter_net, net_state, read_net
-from converter.layers.base import supported_types
+from converter.layers.base import allow_python_layers, python_layers_allowed, supported_types
 from converter.net import CaffeNet
 from converter.weights import load_weights, save_weights
 
@@ -47,40 +49,15 @@ def layer_type_list() -> list[str]:
     return supported_types()
 
 
-class Blob:
-    """A named blob: ``data`` and ``diff`` are numpy arrays; writing into them writes into the net."""
-
-    def __init__(self, data: np.ndarray, diff: np.ndarray | None = None):
-        self.data = data
-        self.diff = diff if diff is not None else np.zeros_like(data)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.data.shape)
-
-    @property
-    def count(self) -> int:
-        return int(self.data.size)
-
-    @property
-    def num(self) -> int:
-        return self.shape[0] if self.shape else 1
-
-    @property
-    def channels(self) -> int:
-        return self.shape[1] if len(self.shape) > 1 else 1
-
-    @property
-    def height(self) -> int:
-        return self.shape[2] if len(self.shape) > 2 else 1
-
-    @property
-    def width(self) -> int:
-        return self.shape[3] if len(self.shape) > 3 else 1
-
-    def reshape(self, *shape: int) -> None:
-        self.data = np.zeros(shape, np.float32)
-        self.diff = np.zeros(shape, np.float32)
+@contextlib.contextmanager
+def python_layers():
+    """pycaffe runs a net's Python layers: a program that builds nets through ``import caffe`` allows them."""
+    before = python_layers_allowed()
+    allow_python_layers(True)
+    try:
+        yield
+    finally:
+        allow_python_layers(before)
 
 
 class _Layer:
@@ -107,7 +84,9 @@ class Net:
         proto = filter_net(read_net(network_file), net_state(phase, level, list(stages)), network_file)
         from runner.netsetup import input_shapes
 
-        self._attach(CaffeNet(proto, input_shapes(proto, phase)), proto, phase)
+        with python_layers():
+            net = CaffeNet(proto, input_shapes(proto, phase))
+        self._attach(net, proto, phase)
         if weights:
             self.copy_from(weights)
 
@@ -247,7 +226,8 @@ class Net:
         """Rebuild the module for the input blobs' current shapes (weights kept)."""
         shapes = {name: self.blobs[name].data.shape for layer in self._net.data_layers for name in layer.tops}
         old = self._net
-        net = CaffeNet(self._proto, shapes)
+        with python_layers():
+            net = CaffeNet(self._proto, shapes)
         with torch.no_grad():
             for p, q in zip(net.params, old.params, strict=True):
                 p.copy_(q)

@@ -8,7 +8,7 @@ import io
 
 from converter.errors import CaffeError
 from converter.io import read_solver
-from runner.pycaffe._caffe import Net
+from runner.pycaffe._caffe import Net, python_layers
 
 
 class Solver:
@@ -26,7 +26,7 @@ class Solver:
             if sp.HasField("type"):
                 raise CaffeError(f"{filename}: a {self.rule}Solver for a solver of type '{sp.type}'")
             sp.type = self.rule
-        with contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stderr(io.StringIO()), python_layers():
             self._trainer = Trainer(sp, filename, TrainOptions(progress=False, quiet=True))
         self.param = sp
         self.net = Net._wrap(self._trainer.net, self._trainer.net.proto, caffe_pb2.TRAIN)
