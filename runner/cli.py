@@ -67,6 +67,7 @@ VERBS = {
     "test": ("runner.test_cmd", "test"),
     "time": ("runner.time_cmd", "time_command"),
     "plot": ("runner.plot", "plot"),
+    "draw": ("runner.draw", "draw"),
 }
 
 
@@ -159,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("log", help="a Caffe-format training log (train.log, or Caffe's own)")
     p.add_argument("-o", "--output", required=True, help="the .png to write")
     p.add_argument("--title", default=None)
+    p = sub.add_parser("draw", help="draw a net's layers and blobs (Caffe's draw_net.py)")
+    p.add_argument("net", help="a net prototxt")
+    p.add_argument("-o", "--output", required=True, help="net.png, net.svg, net.pdf, or net.dot (Graphviz text)")
+    p.add_argument("--rankdir", default="LR", choices=["LR", "RL", "TB", "BT"], help="direction of the layers")
+    p.add_argument("--phase", default=None, choices=["TRAIN", "TEST"], help="draw only this phase's layers")
     return parser
 
 
