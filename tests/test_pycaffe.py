@@ -267,3 +267,46 @@ def test_python_layers_run_in_pycaffe_and_with_the_flag(tmp_path, monkeypatch, c
     assert "Python layers run arbitrary code and are refused" in capsys.readouterr().err
     assert main(["forward", "--allow-python-layers", *argv[1:]]) == 0
     assert np.load(tmp_path / "out" / "scaled.npy").shape == (2, 4)
+
+
+def test_transformer_order_and_oversample_by_hand():
+    t = caffe.io.Transformer({"data": (1, 3, 2, 2)})
+    t.set_transpose("data", (2, 0, 1))
+    t.set_channel_swap("data", (2, 1, 0))
+    t.set_raw_scale("data", 255)
+    t.set_mean("data", np.array([10.0, 20.0, 30.0]))
+    t.set_input_scale("data", 0.5)
+    img = np.arange(12, dtype=np.float32).reshape(2, 2, 3) / 12  # H×W×K, RGB
+    out = t.preprocess("data", img)
+    expected = (img.transpose(2, 0, 1)[[2, 1, 0]] * 255 - np.array([10, 20, 30])[:, None, None]) * 0.5
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    np.testing.assert_allclose(t.deprocess("data", out), img, rtol=1e-5, atol=1e-6)
+    images = [np.arange(16, dtype=np.float32).reshape(4, 4, 1)]
+    crops = caffe.io.oversample(images, (2, 2))
+    assert crops.shape == (10, 2, 2, 1)
+    np.testing.assert_array_equal(crops[0, :, :, 0], [[0, 1], [4, 5]])  # top-left
+    np.testing.assert_array_equal(crops[3, :, :, 0], [[10, 11], [14, 15]])  # bottom-right
+    np.testing.assert_array_equal(crops[4, :, :, 0], [[5, 6], [9, 10]])  # centre
+    np.testing.assert_array_equal(crops[5, :, :, 0], [[1, 0], [5, 4]])  # top-left, mirrored
+
+
+LENET = ROOT.parent / "shared" / "data" / "caffe_models" / "lenet_mnist"
+MNIST = ROOT.parent / "shared" / "data" / "mnist"
+
+
+def test_classifier_on_the_trained_lenet():
+    """caffe.Classifier with the trained LeNet on real test digits: its centre-crop prediction is the net's
+    own forward, and the digits are read correctly (>= 95 of 100)."""
+    if not LENET.is_dir() or not MNIST.is_dir():
+        pytest.skip("the trained LeNet or MNIST is absent")
+    from data_prep.idx import read_idx
+
+    images = read_idx(MNIST / "t10k-images-idx3-ubyte.gz")[:100].astype(np.float32) / 255  # LeNet's scale
+    labels = read_idx(MNIST / "t10k-labels-idx1-ubyte.gz")[:100]
+    clf = caffe.Classifier(str(LENET / "lenet.prototxt"), str(LENET / "lenet_iter_10000.caffemodel"))
+    scores = clf.predict([im[:, :, None] for im in images], oversample=False)
+    assert scores.shape == (100, 10)
+    assert (scores.argmax(1) == labels).sum() >= 95
+    net = caffe.Net(str(LENET / "lenet.prototxt"), str(LENET / "lenet_iter_10000.caffemodel"), caffe.TEST)
+    direct = net.forward_all(data=images[:, None])[net.outputs[0]]
+    np.testing.assert_allclose(scores, direct, rtol=1e-5, atol=1e-6)

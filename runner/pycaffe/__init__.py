@@ -29,6 +29,7 @@ from runner.pycaffe._solver import (  # noqa: F401
     SGDSolver,
     get_solver,
 )
+from runner.pycaffe.classifier import Classifier  # noqa: F401
 from runner.pycaffe.net_spec import NetSpec, layers, params, to_proto  # noqa: F401
 
 __version__ = "1.0.0"

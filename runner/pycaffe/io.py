@@ -56,3 +56,134 @@ def datum_to_array(datum: caffe_pb2.Datum) -> np.ndarray:
     if len(datum.data):
         return np.frombuffer(datum.data, np.uint8).reshape(datum.channels, datum.height, datum.width)
     return np.array(datum.float_data).astype(float).reshape(datum.channels, datum.height, datum.width)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Images (pycaffe's skimage-based helpers, on OpenCV: no other image library is needed)
+# ----------------------------------------------------------------------------------------------------
+def load_image(filename: str, color: bool = True) -> np.ndarray:
+    """An image as H×W×K float32 in [0, 1], RGB (K = 3) or grey (K = 1), as pycaffe's ``load_image``."""
+    import cv2
+
+    img = cv2.imread(filename, cv2.IMREAD_COLOR if color else cv2.IMREAD_GRAYSCALE)
+    if img is None:
+        raise ValueError(f"{filename}: cannot read the image")
+    img = (img.astype(np.float32) / 255.0)
+    return img[:, :, ::-1].copy() if color else img[:, :, np.newaxis]
+
+
+def resize_image(im: np.ndarray, new_dims: tuple[int, int], interp_order: int = 1) -> np.ndarray:
+    """H×W×K resized to ``new_dims`` (nearest, bilinear or bicubic for orders 0, 1, 3), float32."""
+    import cv2
+
+    interpolation = {0: cv2.INTER_NEAREST, 1: cv2.INTER_LINEAR, 3: cv2.INTER_CUBIC}.get(interp_order, cv2.INTER_LINEAR)
+    h, w = int(new_dims[0]), int(new_dims[1])
+    channels = [cv2.resize(np.ascontiguousarray(im[:, :, c], np.float32), (w, h), interpolation=interpolation)
+                for c in range(im.shape[2])]
+    return np.stack(channels, axis=2).astype(np.float32)
+
+
+def oversample(images: list[np.ndarray], crop_dims: tuple[int, int]) -> np.ndarray:
+    """The 10 crops of each H×W×K image: 4 corners and the centre, then the same 5 mirrored."""
+    im_shape = np.array(images[0].shape)
+    crop_dims = np.array(crop_dims)
+    im_center = im_shape[:2] / 2.0
+    crops_ix = np.empty((5, 4), dtype=int)
+    k = 0
+    for i in (0, im_shape[0] - crop_dims[0]):
+        for j in (0, im_shape[1] - crop_dims[1]):
+            crops_ix[k] = (i, j, i + crop_dims[0], j + crop_dims[1])
+            k += 1
+    crops_ix[4] = np.tile(im_center, (1, 2)) + np.concatenate([-crop_dims / 2.0, crop_dims / 2.0])
+    crops_ix = np.tile(crops_ix, (2, 1))
+    crops = np.empty((10 * len(images), crop_dims[0], crop_dims[1], im_shape[-1]), dtype=np.float32)
+    ix = 0
+    for im in images:
+        for crop in crops_ix:
+            crops[ix] = im[crop[0]:crop[2], crop[1]:crop[3], :]
+            ix += 1
+        crops[ix - 5:ix] = crops[ix - 5:ix, :, ::-1, :]
+    return crops
+
+
+class Transformer:
+    """pycaffe's input preparation for a net's inputs ``{name: (N, C, H, W)}``: resize to the input's H×W,
+    transpose (e.g. H×W×K → K×H×W), channel swap (RGB → BGR), raw scale, mean subtraction, input scale — in
+    that order; :meth:`deprocess` undoes them."""
+
+    def __init__(self, inputs: dict[str, tuple[int, ...]]):
+        self.inputs = inputs
+        self.transpose: dict[str, tuple[int, ...]] = {}
+        self.channel_swap: dict[str, tuple[int, ...]] = {}
+        self.raw_scale: dict[str, float] = {}
+        self.mean: dict[str, np.ndarray] = {}
+        self.input_scale: dict[str, float] = {}
+
+    def _check(self, in_: str) -> None:
+        if in_ not in self.inputs:
+            raise Exception(f"{in_} is not one of the net inputs: {self.inputs}")
+
+    def preprocess(self, in_: str, data: np.ndarray) -> np.ndarray:
+        self._check(in_)
+        caffe_in = data.astype(np.float32, copy=False)
+        in_dims = tuple(self.inputs[in_][2:])
+        if caffe_in.shape[:2] != in_dims:
+            caffe_in = resize_image(caffe_in, in_dims)
+        if in_ in self.transpose:
+            caffe_in = caffe_in.transpose(self.transpose[in_])
+        if in_ in self.channel_swap:
+            caffe_in = caffe_in[list(self.channel_swap[in_]), :, :]
+        if in_ in self.raw_scale:
+            caffe_in = caffe_in * self.raw_scale[in_]
+        if in_ in self.mean:
+            caffe_in = caffe_in - self.mean[in_]
+        if in_ in self.input_scale:
+            caffe_in = caffe_in * self.input_scale[in_]
+        return caffe_in.astype(np.float32)
+
+    def deprocess(self, in_: str, data: np.ndarray) -> np.ndarray:
+        self._check(in_)
+        decaf_in = data.copy().squeeze()
+        if in_ in self.input_scale:
+            decaf_in = decaf_in / self.input_scale[in_]
+        if in_ in self.mean:
+            decaf_in = decaf_in + self.mean[in_]
+        if in_ in self.raw_scale:
+            decaf_in = decaf_in / self.raw_scale[in_]
+        if in_ in self.channel_swap:
+            decaf_in = decaf_in[np.argsort(self.channel_swap[in_]), :, :]
+        if in_ in self.transpose:
+            decaf_in = decaf_in.transpose(np.argsort(self.transpose[in_]))
+        return decaf_in
+
+    def set_transpose(self, in_: str, order: tuple[int, ...]) -> None:
+        self._check(in_)
+        if len(order) != len(self.inputs[in_]) - 1:
+            raise Exception("Transpose order needs to have the same number of dimensions as the input.")
+        self.transpose[in_] = tuple(order)
+
+    def set_channel_swap(self, in_: str, order: tuple[int, ...]) -> None:
+        self._check(in_)
+        if len(order) != self.inputs[in_][1]:
+            raise Exception("Channel swap needs to have the same number of dimensions as the input channels.")
+        self.channel_swap[in_] = tuple(order)
+
+    def set_raw_scale(self, in_: str, scale: float) -> None:
+        self._check(in_)
+        self.raw_scale[in_] = scale
+
+    def set_mean(self, in_: str, mean: np.ndarray) -> None:
+        """A per-channel mean (K values) or a K×H×W mean of the input's shape."""
+        self._check(in_)
+        mean = np.asarray(mean, np.float32)
+        if mean.ndim == 1:
+            if len(mean) != self.inputs[in_][1]:
+                raise ValueError("Mean channels incompatible with input.")
+            mean = mean[:, np.newaxis, np.newaxis]
+        elif mean.shape != tuple(self.inputs[in_][1:]):
+            raise ValueError("Mean shape incompatible with input shape.")
+        self.mean[in_] = mean
+
+    def set_input_scale(self, in_: str, scale: float) -> None:
+        self._check(in_)
+        self.input_scale[in_] = scale
