@@ -10,7 +10,15 @@ import torch
 
 from converter import caffe_pb2
 from converter.errors import CaffeError
-from converter.io import array_to_blob, blob_shape, blob_to_array, is_legacy_blob, read_net, write_message
+from converter.io import (
+    array_to_blob,
+    blob_shape,
+    blob_to_array,
+    is_legacy_blob,
+    read_binary,
+    upgrade_net,
+    write_message,
+)
 from converter.net import CaffeNet
 
 log = logging.getLogger(__name__)
@@ -61,7 +69,7 @@ def load_weights(net: CaffeNet, path: str | os.PathLike) -> list[str]:
     A file without a single layer (an empty file parses as an empty NetParameter) is refused: Caffe would
     silently copy nothing and train or test from the fillers' values.
     """
-    source = read_net(path)
+    source = upgrade_net(read_binary(path, caffe_pb2.NetParameter()), path)  # binary whatever its name, as Caffe
     if not len(source.layer):
         raise CaffeError(f"{path}: holds no layers (empty, or not a .caffemodel)")
     return copy_trained_layers(net, source, str(path))

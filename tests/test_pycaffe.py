@@ -62,8 +62,8 @@ def test_params_write_through_and_save_loads_back(tmp_path):
     layer = next(iter(net.params))
     net.params[layer][0].data[...] = 0.25
     assert float(net._net.params[0].detach().flatten()[0]) == 0.25  # the module sees the write
-    net.save(str(tmp_path / "w.caffemodel"))
-    other = caffe.Net(str(GOLDEN / "ip" / "net.prototxt"), str(tmp_path / "w.caffemodel"), caffe.TEST)
+    net.save(str(tmp_path / "w"))  # a weights file is binary whatever its name (Caffe's CopyTrainedLayersFrom)
+    other = caffe.Net(str(GOLDEN / "ip" / "net.prototxt"), str(tmp_path / "w"), caffe.TEST)
     np.testing.assert_array_equal(other.params[layer][0].data, net.params[layer][0].data)
     assert net._layer_names == list(net.layer_dict) and net.layers[0].type == net.layer_dict[net._layer_names[0]].type
 
