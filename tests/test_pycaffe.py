@@ -310,3 +310,45 @@ def test_classifier_on_the_trained_lenet():
     net = caffe.Net(str(LENET / "lenet.prototxt"), str(LENET / "lenet_iter_10000.caffemodel"), caffe.TEST)
     direct = net.forward_all(data=images[:, None])[net.outputs[0]]
     np.testing.assert_allclose(scores, direct, rtol=1e-5, atol=1e-6)
+
+
+DUMMY_NET = """name: 'n' force_backward: true
+layer { type: 'DummyData' name: 'data' top: 'data' top: 'label'
+  dummy_data_param { shape { dim: 4 dim: 2 dim: 3 dim: 3 } shape { dim: 4 }
+    data_filler { type: 'gaussian' std: 1 } data_filler { type: 'constant' } } }
+layer { type: 'Convolution' name: 'conv' bottom: 'data' top: 'conv'
+  convolution_param { num_output: 3 kernel_size: 2 weight_filler { type: 'gaussian' std: 1 } } }
+layer { type: 'InnerProduct' name: 'ip' bottom: 'conv' top: 'ip_blob'
+  inner_product_param { num_output: 5 weight_filler { type: 'gaussian' std: 1 } bias_filler { type: 'constant' value: -1 } } }
+layer { type: 'SoftmaxWithLoss' name: 'loss' bottom: 'ip_blob' bottom: 'label' top: 'loss'
+  include { min_level: 1 } }
+"""
+
+
+def test_partial_forward_backward_names_and_clearing(tmp_path):
+    """forward(start, end) and backward(start, end) run only those layers on the blobs as they are (checked
+    by hand for the InnerProduct); clear_param_diffs zeroes the diffs in place; names and levels as pycaffe."""
+    (tmp_path / "n.prototxt").write_text(DUMMY_NET)
+    net = caffe.Net(str(tmp_path / "n.prototxt"), caffe.TRAIN, level=1)
+    assert list(net.top_names.items()) == [("data", ["data", "label"]), ("conv", ["conv"]), ("ip", ["ip_blob"]),
+                                           ("loss", ["loss"])]
+    assert net.bottom_names["loss"] == ["ip_blob", "label"] and net.outputs == ["loss"] and net.inputs == []
+    rng = np.random.default_rng(0)
+    conv = rng.uniform(size=net.blobs["conv"].data.shape).astype(np.float32)
+    net.blobs["conv"].data[...] = conv
+    out = net.forward(start="ip", end="ip")
+    w, b = net.params["ip"][0].data, net.params["ip"][1].data
+    np.testing.assert_allclose(out["ip_blob"], conv.reshape(4, -1) @ w.T + b, rtol=1e-5, atol=1e-5)
+    top_diff = rng.uniform(size=(4, 5)).astype(np.float32)
+    net.blobs["ip_blob"].diff[...] = top_diff
+    back = net.backward(start="ip", end="ip")
+    np.testing.assert_allclose(back["conv"], (top_diff @ w).reshape(conv.shape), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(net.params["ip"][0].diff, top_diff.T @ conv.reshape(4, -1), rtol=1e-5, atol=1e-6)
+    net.forward()
+    net.backward()
+    diff = net.params["conv"][0].diff
+    assert np.abs(diff).max() > 0
+    net.clear_param_diffs()
+    assert (diff == 0).all()  # the same array, zeroed in place
+    level0 = caffe.Net(str(tmp_path / "n.prototxt"), caffe.TEST)
+    assert "loss" not in level0.blobs and level0.outputs == ["ip_blob", "label"]

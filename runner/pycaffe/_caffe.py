@@ -160,19 +160,46 @@ class Net:
 
     def forward(self, blobs: list[str] | None = None, start: str | None = None, end: str | None = None,
                 **kwargs: np.ndarray) -> dict[str, np.ndarray]:
-        """``Net.forward``: set the given input blobs, run the net, return the outputs (and ``blobs``)."""
-        if start is not None or end is not None:
-            raise CaffeError("forward(start=, end=) is not supported: run the whole net")
+        """``Net.forward``: set the given input blobs, run the net (or the layers ``start`` … ``end``, their
+        bottoms taken from the blobs as they are), return the outputs (the ``end`` layer's tops) and ``blobs``."""
         for name, value in kwargs.items():
             if name not in self.blobs:
                 raise CaffeError(f"forward: '{name}' is not a blob of the net")
             self.blobs[name].data[...] = value
-        from runner.forward import run_graph
+        names = self._layer_names
+        lo = names.index(start) if start is not None else 0
+        hi = names.index(end) if end is not None else len(names) - 1
+        if lo == 0 and hi == len(names) - 1:
+            from runner.forward import run_graph
 
-        self._graph = run_graph(self._net, self._inputs())
-        for name, value in self._graph.blobs.items():
+            self._graph = run_graph(self._net, self._inputs())
+            values = self._graph.blobs
+        else:
+            with torch.no_grad():
+                values, _ = self._run_layers(lo, hi, grad=False)
+            self._graph = None
+        for name, value in values.items():
             self._set(name, value.detach().numpy())
-        return {name: self.blobs[name].data for name in [*self.outputs, *(blobs or [])]}
+        outputs = list(dict.fromkeys([*(self.top_names[end] if end is not None else self.outputs), *(blobs or [])]))
+        return {name: self.blobs[name].data for name in outputs}
+
+    def _run_layers(self, lo: int, hi: int, grad: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Layers ``lo`` … ``hi`` (Caffe's layer ids) on the blobs' current data: (every value, the leaves)."""
+        params = self._net._param_tensors()
+        values: dict[str, torch.Tensor] = {}
+        leaves: dict[str, torch.Tensor] = {}
+        for i, layer, bottoms, tops in self._net._steps:
+            if not lo <= i <= hi:
+                continue
+            ins = []
+            for b in bottoms:
+                if b not in values:
+                    data = torch.from_numpy(np.array(self.blobs[b].data, np.float32))
+                    leaves[b] = values[b] = data.requires_grad_(grad)
+                ins.append(values[b])
+            for name, value in zip(tops, layer(ins, self._net.layer_blobs(i, params)), strict=True):
+                values[name] = value
+        return values, leaves
 
     def _set(self, name: str, value: np.ndarray) -> None:
         blob = self.blobs[name]
@@ -184,20 +211,44 @@ class Net:
     def backward(self, diffs: list[str] | None = None, start: str | None = None, end: str | None = None,
                  **kwargs: np.ndarray) -> dict[str, np.ndarray]:
         """``Net.backward``: the loss layers' gradients plus the ``diff`` of each output blob (or the given
-        ones), into every blob's and parameter's ``diff``; returns the input blobs' diffs (and ``diffs``)."""
-        if self._graph is None:
-            raise CaffeError("backward: call forward first")
-        if start is not None or end is not None:
-            raise CaffeError("backward(start=, end=) is not supported: run the whole net")
-        tops = {name: torch.from_numpy(np.ascontiguousarray(kwargs.get(name, self.blobs[name].diff), np.float32))
-                for name in self.outputs if name not in dict(self._net.loss_blobs())}
-        blob_diffs = self._graph.backward(tops)
+        ones), into every blob's and parameter's ``diff``; returns the input blobs' diffs (and ``diffs``). With
+        ``start``/``end`` only those layers run backward, from the ``start`` layer's top diffs as they are."""
+        for name, value in kwargs.items():
+            self.blobs[name].diff[...] = value
+        names = self._layer_names
+        hi = names.index(start) if start is not None else len(names) - 1
+        lo = names.index(end) if end is not None else 0
+        if lo == 0 and hi == len(names) - 1:
+            if self._graph is None:
+                raise CaffeError("backward: call forward first")
+            tops = {name: torch.from_numpy(np.ascontiguousarray(self.blobs[name].diff, np.float32))
+                    for name in self.outputs if name not in dict(self._net.loss_blobs())}
+            blob_diffs = self._graph.backward(tops)
+            self._graph = None
+        else:
+            values, leaves = self._run_layers(lo, hi, grad=True)
+            weights = dict(self._net.loss_blobs())  # a loss top's diff is its loss weight, as Caffe sets it
+            roots, grads = [], []
+            for t in self.top_names[names[hi]]:
+                if t in values and values[t].requires_grad:
+                    roots.append(values[t])
+                    grads.append(torch.full_like(values[t], weights[t]) if t in weights else
+                                 torch.from_numpy(np.ascontiguousarray(self.blobs[t].diff, np.float32)))
+            if roots:
+                torch.autograd.backward(roots, grads)
+            blob_diffs = {b: (t.grad if t.grad is not None else torch.zeros_like(t)).numpy() for b, t in leaves.items()}
         for name, diff in blob_diffs.items():
             if self.blobs[name].diff.shape != diff.shape:
                 self.blobs[name].diff = np.zeros(diff.shape, np.float32)
             np.copyto(self.blobs[name].diff, diff)
-        self._graph = None
-        return {name: self.blobs[name].diff for name in [*self.inputs, *(diffs or [])]}
+        outputs = list(dict.fromkeys([*(self.bottom_names[end] if end is not None else self.inputs), *(diffs or [])]))
+        return {name: self.blobs[name].diff for name in outputs}
+
+    def clear_param_diffs(self) -> None:
+        """``Net::ClearParamDiffs``: every parameter's diff to zero, in place."""
+        for p in self._net.params:
+            if p.grad is not None:
+                p.grad.zero_()
 
     def forward_all(self, blobs: list[str] | None = None, **kwargs: np.ndarray) -> dict[str, np.ndarray]:
         """Forward every item of the given inputs in batches of the net's size; outputs concatenated."""
