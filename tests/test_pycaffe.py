@@ -352,3 +352,24 @@ def test_partial_forward_backward_names_and_clearing(tmp_path):
     assert (diff == 0).all()  # the same array, zeroed in place
     level0 = caffe.Net(str(tmp_path / "n.prototxt"), caffe.TEST)
     assert "loss" not in level0.blobs and level0.outputs == ["ip_blob", "label"]
+
+
+def test_backward_without_forward_and_reshape_on_forward(tmp_path, monkeypatch):
+    """As pycaffe: backward() uses the diffs in memory even before any forward (here 3·3·d through two user
+    layers), and an input blob reshaped by the script makes forward() reshape every layer."""
+    (tmp_path / "scale_layer.py").write_text(PY_LAYER)
+    (tmp_path / "two.prototxt").write_text(
+        "input: 'data' input_shape { dim: 2 dim: 3 }\n"
+        "layer { type: 'Python' name: 'a' bottom: 'data' top: 'a' python_param { module: 'scale_layer' "
+        "layer: 'Scale' param_str: '3' } }\n"
+        "layer { type: 'Python' name: 'b' bottom: 'a' top: 'b' python_param { module: 'scale_layer' "
+        "layer: 'Scale' param_str: '3' } }\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    net = caffe.Net(str(tmp_path / "two.prototxt"), caffe.TRAIN)
+    net.blobs["b"].diff[...] = 7
+    net.backward()
+    assert (net.blobs["data"].diff == 63).all()
+    net.blobs["data"].reshape(4, 5)
+    net.blobs["data"].data[...] = 2
+    net.forward()
+    assert net.blobs["b"].data.shape == (4, 5) and (net.blobs["b"].data == 18).all()

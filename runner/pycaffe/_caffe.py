@@ -172,6 +172,9 @@ class Net:
         if lo == 0 and hi == len(names) - 1:
             from runner.forward import run_graph
 
+            built = self._net.input_shapes()
+            if any(self.blobs[top].data.shape != built[top] for top in built if top in self.inputs):
+                self.reshape()  # an input blob was reshaped: every layer follows, as Net::Forward's Reshape
             self._graph = run_graph(self._net, self._inputs())
             values = self._graph.blobs
         else:
@@ -219,8 +222,10 @@ class Net:
         hi = names.index(start) if start is not None else len(names) - 1
         lo = names.index(end) if end is not None else 0
         if lo == 0 and hi == len(names) - 1:
-            if self._graph is None:
-                raise CaffeError("backward: call forward first")
+            if self._graph is None:  # Caffe backpropagates whatever is in memory: build the pass it needs
+                from runner.forward import run_graph
+
+                self._graph = run_graph(self._net, self._inputs())
             tops = {name: torch.from_numpy(np.ascontiguousarray(self.blobs[name].diff, np.float32))
                     for name in self.outputs if name not in dict(self._net.loss_blobs())}
             blob_diffs = self._graph.backward(tops)
