@@ -180,7 +180,15 @@ def test_module_switches_and_schema():
 
     from converter import caffe_pb2
 
-    assert pb is caffe_pb2 and (caffe.TRAIN, caffe.TEST) == (0, 1)
+    assert pb is caffe_pb2 and caffe.proto.caffe_pb2 is caffe_pb2 and (caffe.TRAIN, caffe.TEST) == (0, 1)
+    legacy = caffe_pb2.BlobProto(num=1, channels=1, height=2, width=3, data=[0.0] * 6)
+    assert caffe.io.blobproto_to_array(legacy).shape == (1, 1, 2, 3)
+    shaped = caffe_pb2.BlobProto(data=[0.0] * 6)
+    shaped.shape.dim.extend([2, 3])
+    assert caffe.io.blobproto_to_array(shaped).shape == (2, 3)
+    with pytest.raises(ValueError):  # several values and no shape
+        caffe.io.blobproto_to_array(caffe_pb2.BlobProto(data=[0.0] * 6))
+    assert caffe.io.blobproto_to_array(caffe_pb2.BlobProto(data=[123.0])) == 123  # one value: a scalar
     assert "Convolution" in caffe.layer_type_list() and "ContrastiveLoss" in caffe.layer_type_list()
     caffe.set_mode_cpu()
     caffe.set_random_seed(3)

@@ -63,10 +63,9 @@ class Solver:
         self._trainer.restore(state_file)
 
     def apply_update(self) -> None:
-        """``ApplyUpdate`` with the diffs as they are (a script may have changed ``params[...].diff``), then
-        ``iter += 1`` as pycaffe's caller expects of ``step`` pieces."""
+        """``SGDSolver::ApplyUpdate`` with the diffs as they are (a script may have written ``params[...].diff``);
+        like Caffe's it leaves ``iter`` alone (``Step`` increments it)."""
         self._trainer.solver.apply_update()
-        self._trainer.solver.iter += 1
 
 
 def _rule(name: str) -> type[Solver]:

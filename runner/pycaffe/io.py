@@ -5,18 +5,16 @@ from __future__ import annotations
 import numpy as np
 
 from converter import caffe_pb2
-from converter.io import array_to_blob, blob_to_array
+from converter.io import array_to_blob
 
 
 def blobproto_to_array(blob: caffe_pb2.BlobProto, return_diff: bool = False) -> np.ndarray:
-    """The blob's data (or diff) as an array of its shape (legacy 4-d shapes included)."""
-    if return_diff:
-        diff = caffe_pb2.BlobProto()
-        diff.CopyFrom(blob)
-        del diff.data[:]
-        diff.data.extend(blob.diff)
-        return blob_to_array(diff)
-    return blob_to_array(blob)
+    """The blob's data (or diff) in its shape: the legacy num/channels/height/width when any is set, else
+    ``shape`` (no shape and several values is a ValueError; one value and no shape is a scalar)."""
+    values = np.array(blob.diff if return_diff else blob.data)
+    if any(blob.HasField(f) for f in ("num", "channels", "height", "width")):
+        return values.reshape(blob.num, blob.channels, blob.height, blob.width)
+    return values.reshape(tuple(blob.shape.dim))
 
 
 def array_to_blobproto(arr: np.ndarray, diff: np.ndarray | None = None) -> caffe_pb2.BlobProto:
