@@ -381,3 +381,27 @@ def test_backward_without_forward_and_reshape_on_forward(tmp_path, monkeypatch):
     net.blobs["data"].data[...] = 2
     net.forward()
     assert net.blobs["b"].data.shape == (4, 5) and (net.blobs["b"].data == 18).all()
+
+
+def test_coord_map_and_crop_align_a_fully_convolutional_net():
+    """conv 3×3 (pad 0) → pool 4 → deconv 8 (stride 4) shifts by one pixel against the input (by hand:
+    (0 − 1)/1 for the conv, then 1/4·(…) through the pool, ×4 back through the deconv); crop() emits the Crop
+    that our net then builds to exactly the input's 100×100."""
+    from caffe import layers as L
+    from caffe import params as P
+    from caffe.coord_map import coord_map_from_to, crop
+
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 1, 100, 100]))
+    n.conv = L.Convolution(n.data, num_output=2, kernel_size=3, stride=1, pad=0)
+    n.pool = L.Pooling(n.conv, pool=P.Pooling.MAX, kernel_size=4, stride=4)
+    n.up = L.Deconvolution(n.pool, num_output=2, kernel_size=8, stride=4)
+    ax, a, b = coord_map_from_to(n.up, n.data)
+    assert ax == 1 and a.tolist() == [1.0] and b.tolist() == [-1.0]
+    n.aligned = crop(n.up, n.data)
+    proto = n.to_proto()
+    assert proto.layer[-1].crop_param.axis == 2 and list(proto.layer[-1].crop_param.offset) == [1]
+    assert CaffeNet(proto).blob_shapes["aligned"] == (1, 2, 100, 100)
+    n.ip = L.InnerProduct(n.up, num_output=2)
+    with pytest.raises(RuntimeError, match="Could not compute map"):
+        coord_map_from_to(n.ip, n.data)

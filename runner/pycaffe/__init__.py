@@ -8,7 +8,7 @@ that share memory with the module's tensors (CPU mode), as pycaffe's share Caffe
 from __future__ import annotations
 
 from converter.layers.python import PythonLayerBase as Layer  # noqa: F401  (class MyLayer(caffe.Layer))
-from runner.pycaffe import draw, io, net_spec, proto  # noqa: F401  (caffe.draw, .io, .net_spec, .proto)
+from runner.pycaffe import coord_map, draw, io, net_spec, proto  # noqa: F401  (caffe.<module>)
 from runner.pycaffe._caffe import (  # noqa: F401
     TEST,
     TRAIN,

@@ -17,7 +17,7 @@ from converter import caffe_pb2
 
 def param_name_dict() -> dict[str, str]:
     """Layer type → the prefix of its ``<prefix>_param`` field, read from the schema (``Convolution`` →
-    ``convolution``)."""
+    ``convolution``); Deconvolution and Im2col take ``convolution_param`` too."""
     layer = caffe_pb2.LayerParameter()
     names = {}
     for field in layer.DESCRIPTOR.fields:
@@ -25,6 +25,8 @@ def param_name_dict() -> dict[str, str]:
             type_name = field.message_type.name
             if type_name.endswith("Parameter"):
                 names[type_name[:-len("Parameter")]] = field.name[:-len("_param")]
+    for shares_convolution in ("Deconvolution", "Im2col"):  # Caffe reads their settings from convolution_param
+        names.setdefault(shares_convolution, "convolution")
     return names
 
 
