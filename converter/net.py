@@ -18,6 +18,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -216,8 +217,9 @@ class CaffeNet(nn.Module):
                                                 statistic or ps.HasField("lr_mult"), ps.HasField("decay_mult"),
                                                 [where]))
                 what = f"layer '{lp.name}' ({lp.type}) learnable blob {i}"
-                self.params.append(nn.Parameter(fill(spec.filler, spec.shape, what, generator),
-                                                requires_grad=False))
+                value = torch.from_numpy(np.array(spec.values, np.float32)) if spec.values is not None else \
+                    fill(spec.filler, spec.shape, what, generator)
+                self.params.append(nn.Parameter(value, requires_grad=False))
             else:
                 index = param_index[ps.name]
                 owned = self.learnable[index]

@@ -405,3 +405,48 @@ def test_coord_map_and_crop_align_a_fully_convolutional_net():
     n.ip = L.InnerProduct(n.up, num_output=2)
     with pytest.raises(RuntimeError, match="Could not compute map"):
         coord_map_from_to(n.ip, n.data)
+
+
+LEARNED_LAYER = '''
+import numpy as np
+import caffe
+
+
+class Gain(caffe.Layer):
+    """top = w * bottom with a learnable w (its own blob, initial 2)."""
+
+    def setup(self, bottom, top):
+        self.blobs.add_blob(1)
+        self.blobs[0].data[0] = 2
+
+    def reshape(self, bottom, top):
+        top[0].reshape(*bottom[0].data.shape)
+
+    def forward(self, bottom, top):
+        top[0].data[...] = self.blobs[0].data[0] * bottom[0].data
+
+    def backward(self, top, propagate_down, bottom):
+        self.blobs[0].diff[0] = (top[0].diff * bottom[0].data).sum()
+        bottom[0].diff[...] = self.blobs[0].data[0] * top[0].diff
+'''
+
+
+def test_python_layer_blobs_are_net_parameters(tmp_path, monkeypatch):
+    """A Python layer's own blobs (self.blobs.add_blob) are parameters of the net: their diffs come from the
+    user's backward (by hand), they are saved in and restored from a .caffemodel."""
+    (tmp_path / "gain_layer.py").write_text(LEARNED_LAYER)
+    (tmp_path / "g.prototxt").write_text(
+        "input: 'x' input_shape { dim: 3 }\n"
+        "layer { type: 'Python' name: 'g' bottom: 'x' top: 'y' python_param { module: 'gain_layer' layer: 'Gain' } }\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    net = caffe.Net(str(tmp_path / "g.prototxt"), caffe.TRAIN)
+    x = np.array([1.0, 2.0, 3.0], np.float32)
+    np.testing.assert_array_equal(net.forward(x=x)["y"], 2 * x)
+    net.blobs["y"].diff[...] = [1.0, 0.5, -1.0]
+    net.backward()
+    assert float(net.params["g"][0].diff[0]) == 1 * 1 + 2 * 0.5 - 3  # sum(dy * x)
+    np.testing.assert_array_equal(net.blobs["x"].diff, 2 * np.array([1.0, 0.5, -1.0]))
+    net.params["g"][0].data[0] = 5
+    net.save(str(tmp_path / "g.caffemodel"))
+    other = caffe.Net(str(tmp_path / "g.prototxt"), str(tmp_path / "g.caffemodel"), caffe.TRAIN)
+    np.testing.assert_array_equal(other.forward(x=x)["y"], 5 * x)

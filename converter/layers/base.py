@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -77,10 +78,12 @@ def layer_class(lp: caffe_pb2.LayerParameter) -> type[Layer]:
 
 @dataclass(frozen=True)
 class BlobSpec:
-    """A learnable blob a layer needs: its Caffe shape and the filler that initialises it."""
+    """A learnable blob a layer needs: its Caffe shape and the filler that initialises it (or, for a Python
+    layer's own blobs, the values its ``setup`` gave them)."""
 
     shape: Shape
-    filler: caffe_pb2.FillerParameter
+    filler: caffe_pb2.FillerParameter | None
+    values: np.ndarray | None = None
 
 
 def count(shape: tuple[int, ...] | list[int], start: int = 0, end: int | None = None) -> int:
