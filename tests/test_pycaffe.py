@@ -450,3 +450,35 @@ def test_python_layer_blobs_are_net_parameters(tmp_path, monkeypatch):
     net.save(str(tmp_path / "g.caffemodel"))
     other = caffe.Net(str(tmp_path / "g.prototxt"), str(tmp_path / "g.caffemodel"), caffe.TRAIN)
     np.testing.assert_array_equal(other.forward(x=x)["y"], 5 * x)
+
+
+def test_detector_scores_windows_of_an_image(tmp_path):
+    """caffe.Detector with the trained LeNet: two real test digits side by side in one image, a window on
+    each; each window's prediction is the net's own on that digit (and reads it), with and without context."""
+    if not LENET.is_dir() or not MNIST.is_dir():
+        pytest.skip("the trained LeNet or MNIST is absent")
+    import cv2
+
+    from data_prep.idx import read_idx
+
+    digits = read_idx(MNIST / "t10k-images-idx3-ubyte.gz")[:2]
+    labels = read_idx(MNIST / "t10k-labels-idx1-ubyte.gz")[:2]
+    canvas = np.concatenate(list(digits), axis=1)  # 28 × 56, grey
+    cv2.imwrite(str(tmp_path / "two.png"), canvas)
+    # load_image gives RGB in [0, 1]; LeNet takes one channel: the swap keeps the first
+    det = caffe.Detector(str(LENET / "lenet.prototxt"), str(LENET / "lenet_iter_10000.caffemodel"),
+                         channel_swap=(0,))
+    windows = [np.array([0, 0, 28, 28]), np.array([0, 28, 28, 56])]
+    found = det.detect_windows([(str(tmp_path / "two.png"), windows)])
+    assert [d["filename"] for d in found] == [str(tmp_path / "two.png")] * 2
+    net = caffe.Net(str(LENET / "lenet.prototxt"), str(LENET / "lenet_iter_10000.caffemodel"), caffe.TEST)
+    direct = net.forward_all(data=digits[:, None].astype(np.float32) / 255)[net.outputs[0]]
+    for d, expected, label in zip(found, direct, labels, strict=True):
+        np.testing.assert_allclose(d["prediction"], expected, rtol=1e-5, atol=1e-6)
+        assert d["prediction"].argmax() == label
+    padded = caffe.Detector(str(LENET / "lenet.prototxt"), str(LENET / "lenet_iter_10000.caffemodel"),
+                            context_pad=2)
+    crop = padded.crop(np.ones((28, 56, 1), np.float32), np.array([0, 0, 27, 27]))
+    assert crop.shape == (28, 28, 1)
+    # 2 of 28 input pixels are context on each side; left of and above the image there is none: the mean (0)
+    assert (crop[:2, :, 0] == 0).all() and (crop[:, :2, 0] == 0).all() and (crop[4:26, 4:26, 0] == 1).all()

@@ -30,6 +30,7 @@ from runner.pycaffe._solver import (  # noqa: F401
     get_solver,
 )
 from runner.pycaffe.classifier import Classifier  # noqa: F401
+from runner.pycaffe.detector import Detector  # noqa: F401
 from runner.pycaffe.net_spec import NetSpec, layers, params, to_proto  # noqa: F401
 
 __version__ = "1.0.0"
