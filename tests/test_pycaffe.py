@@ -482,3 +482,20 @@ def test_detector_scores_windows_of_an_image(tmp_path):
     assert crop.shape == (28, 28, 1)
     # 2 of 28 input pixels are context on each side; left of and above the image there is none: the mean (0)
     assert (crop[:2, :, 0] == 0).all() and (crop[:, :2, 0] == 0).all() and (crop[4:26, 4:26, 0] == 1).all()
+
+
+def test_hdf5_weights_in_caffes_layout(tmp_path):
+    """save_hdf5 writes Caffe's layout (data/<layer>/<i>, diff/<layer>/<i>); load_hdf5 restores the weights."""
+    import h5py
+
+    require_golden()
+    net = caffe.Net(str(GOLDEN / "ip" / "net.prototxt"), caffe.TEST)
+    layer = next(iter(net.params))
+    net.params[layer][0].data[...] = 0.5
+    net.save_hdf5(str(tmp_path / "w.h5"))
+    with h5py.File(tmp_path / "w.h5") as f:
+        assert set(f) == {"data", "diff"} and f[f"data/{layer}/0"].shape == net.params[layer][0].data.shape
+        assert (f[f"data/{layer}/0"][()] == 0.5).all()
+    other = caffe.Net(str(GOLDEN / "ip" / "net.prototxt"), caffe.TEST)
+    other.load_hdf5(str(tmp_path / "w.h5"))
+    np.testing.assert_array_equal(other.params[layer][0].data, net.params[layer][0].data)

@@ -309,6 +309,37 @@ class Net:
         share_trained_layers(self._net, other._net)
         self._attach(self._net, self._proto, self._phase)
 
+    def save_hdf5(self, filename: str) -> None:
+        """``Net::ToHDF5``: group ``data`` holds one group per layer with a parameter, its blobs as datasets
+        ``"0"``, ``"1"``, … in Caffe's shapes (``diff`` likewise, for the gradients)."""
+        import h5py
+
+        with h5py.File(filename, "w") as f:
+            for kind in ("data", "diff"):
+                group = f.create_group(kind)
+                for layer, blobs in self.params.items():
+                    sub = group.create_group(layer)
+                    for i, blob in enumerate(blobs):
+                        sub.create_dataset(str(i), data=getattr(blob, kind))
+
+    def load_hdf5(self, filename: str) -> None:
+        """``CopyTrainedLayersFromHDF5``: same-named layers take the file's ``data`` blobs, shapes checked."""
+        import h5py
+
+        with h5py.File(filename, "r") as f:
+            for layer, group in f["data"].items():
+                if layer not in self.params:
+                    continue
+                blobs = self.params[layer]
+                if len(group) != len(blobs):
+                    raise CaffeError(f"{filename}: layer '{layer}' has {len(group)} blobs, the net {len(blobs)}")
+                for i, blob in enumerate(blobs):
+                    value = group[str(i)][()]
+                    if value.shape != blob.data.shape:
+                        raise CaffeError(f"{filename}: layer '{layer}' blob {i} has shape {value.shape}, the net "
+                                         f"{blob.data.shape}")
+                    blob.data[...] = value
+
     def save(self, filename: str) -> None:
         """A .caffemodel (BVLC Caffe reads it)."""
         save_weights(self._net, Path(filename))
