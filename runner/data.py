@@ -429,6 +429,12 @@ class NetFeeder:
 
     __next__ = next
 
+    def constant_tops(self) -> dict[str, torch.Tensor]:
+        """DummyData tops with constant fillers, filled once (Caffe refills only the random ones): a caller
+        that writes into these tensors changes what every later batch holds, as a pycaffe script that sets
+        a DummyData label blob does (read in this process: ``workers`` 0)."""
+        return {t: v for _, src in self.sources if isinstance(src, _DummySource) for t, v in src.fixed.items()}
+
     def __iter__(self):
         return self
 

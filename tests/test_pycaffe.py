@@ -499,3 +499,40 @@ def test_hdf5_weights_in_caffes_layout(tmp_path):
     other = caffe.Net(str(GOLDEN / "ip" / "net.prototxt"), caffe.TEST)
     other.load_hdf5(str(tmp_path / "w.h5"))
     np.testing.assert_array_equal(other.params[layer][0].data, net.params[layer][0].data)
+
+
+LABELLED = """name: 'l' force_backward: true
+layer { type: 'DummyData' name: 'data' top: 'x' top: 'label'
+  dummy_data_param { shape { dim: 4 dim: 3 } shape { dim: 4 }
+    data_filler { type: 'constant' value: 1 } data_filler { type: 'constant' } } }
+layer { type: 'InnerProduct' name: 'ip' bottom: 'x' top: 'ip'
+  inner_product_param { num_output: 5 weight_filler { type: 'gaussian' std: 1 } } }
+layer { type: 'SoftmaxWithLoss' name: 'loss' bottom: 'ip' bottom: 'label' top: 'loss' }
+"""
+
+
+def _hand_loss(w: np.ndarray, b: np.ndarray, labels: np.ndarray) -> float:
+    z = np.ones((4, 3)) @ w.astype(np.float64).T + b
+    z -= z.max(1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    return float(-logp[np.arange(4), labels.astype(int)].mean())
+
+
+def test_a_script_sets_dummydata_labels_for_nets_and_solvers(tmp_path):
+    """As in Caffe, a constant DummyData top is filled once and never refilled: labels a script writes into
+    the blob are what the net (and a solver's every step) uses; the loss by hand from those labels."""
+    (tmp_path / "l.prototxt").write_text(LABELLED)
+    labels = np.array([0, 3, 4, 1], np.float32)
+    net = caffe.Net(str(tmp_path / "l.prototxt"), caffe.TRAIN)
+    net.blobs["label"].data[...] = labels
+    net.forward()
+    w, b = net.params["ip"][0].data, net.params["ip"][1].data
+    assert float(net.blobs["loss"].data) == pytest.approx(_hand_loss(w, b, labels), rel=1e-5)
+    (tmp_path / "s.prototxt").write_text(f'net: "{tmp_path / "l.prototxt"}" base_lr: 0.1 lr_policy: "fixed" '
+                                         f'max_iter: 5 snapshot_prefix: "{tmp_path / "snap"}"\n')
+    solver = caffe.SGDSolver(str(tmp_path / "s.prototxt"))
+    solver.net.blobs["label"].data[...] = labels
+    w0, b0 = solver.net.params["ip"][0].data.copy(), solver.net.params["ip"][1].data.copy()
+    solver.step(1)
+    assert float(solver.net.blobs["loss"].data) == pytest.approx(_hand_loss(w0, b0, labels), rel=1e-5)
+    np.testing.assert_array_equal(solver.net.blobs["label"].data, labels)

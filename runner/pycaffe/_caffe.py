@@ -91,14 +91,14 @@ class Net:
             self.copy_from(weights)
 
     @classmethod
-    def _wrap(cls, net: CaffeNet, proto: caffe_pb2.NetParameter, phase: int) -> Net:
+    def _wrap(cls, net: CaffeNet, proto: caffe_pb2.NetParameter, phase: int, feeder=None) -> Net:
         self = cls.__new__(cls)
-        self._attach(net, proto, phase)
+        self._attach(net, proto, phase, feeder)
         return self
 
-    def _attach(self, net: CaffeNet, proto: caffe_pb2.NetParameter, phase: int) -> None:
+    def _attach(self, net: CaffeNet, proto: caffe_pb2.NetParameter, phase: int, feeder=None) -> None:
         self._net, self._proto, self._phase = net, proto, phase
-        self._feeder = None
+        self._feeder = feeder
         self._graph = None
         self.blobs: OrderedDict[str, Blob] = OrderedDict()
         for name, shape in net.blob_shapes.items():
@@ -116,6 +116,18 @@ class Net:
                 self.params[lp.name] = blobs
         self.layer_dict = OrderedDict((lp.name, layer) for lp, layer in zip(net.layer_params, self.layers,
                                                                              strict=True))
+        if self._feeder is None and any(layer.type != "Input" for layer in net.data_layers):
+            from runner.data import NetFeeder
+
+            self._feeder = NetFeeder(proto, phase)
+        self._link()
+
+    def _link(self) -> None:
+        """Constant DummyData tops (labels a script sets) are the feeder's own tensors: a write into the blob
+        is what every later batch holds, as Caffe's DummyData never refills them."""
+        if self._feeder is not None:
+            for name, value in self._feeder.constant_tops().items():
+                self.blobs[name].data = value.numpy()
 
     # -- names -----------------------------------------------------------------------------------------
     @property
@@ -144,15 +156,11 @@ class Net:
     def _inputs(self) -> dict[str, torch.Tensor]:
         """The data layers' tops: Input blobs from their ``data`` arrays, Data layers from their sources."""
         feeds = {}
-        sourced = [layer for layer in self._net.data_layers if layer.type != "Input"]
-        if sourced:
-            if self._feeder is None:
-                from runner.data import NetFeeder
-
-                self._feeder = NetFeeder(self._proto, self._phase)
-            batch = self._feeder.next()
-            for name, value in batch.items():
-                self.blobs[name].data = value.numpy().copy()
+        if self._feeder is not None:
+            constant = self._feeder.constant_tops()
+            for name, value in self._feeder.next().items():
+                if name not in constant:  # constant DummyData tops are the blobs themselves (see _link)
+                    self.blobs[name].data = value.numpy().copy()
         for layer in self._net.data_layers:
             for top in layer.tops:
                 feeds[top] = torch.from_numpy(np.ascontiguousarray(self.blobs[top].data, np.float32)).clone()
@@ -288,9 +296,10 @@ class Net:
             for p, q in zip(net.params, old.params, strict=True):
                 p.copy_(q)
         data = {name: self.blobs[name].data for name in shapes}
-        self._attach(net, self._proto, self._phase)
+        self._attach(net, self._proto, self._phase, self._feeder)
         for name, value in data.items():
             self.blobs[name].data = value
+        self._link()
 
     def set_input_arrays(self, data: np.ndarray, labels: np.ndarray) -> None:
         """MemoryData's input: the first data layer's tops get ``data`` and ``labels``."""
@@ -307,7 +316,7 @@ class Net:
         from runner.netsetup import share_trained_layers
 
         share_trained_layers(self._net, other._net)
-        self._attach(self._net, self._proto, self._phase)
+        self._attach(self._net, self._proto, self._phase, self._feeder)
 
     def save_hdf5(self, filename: str) -> None:
         """``Net::ToHDF5``: group ``data`` holds one group per layer with a parameter, its blobs as datasets

@@ -29,9 +29,10 @@ class Solver:
         with contextlib.redirect_stderr(io.StringIO()), python_layers():
             self._trainer = Trainer(sp, filename, TrainOptions(progress=False, quiet=True))
         self.param = sp
-        self.net = Net._wrap(self._trainer.net, self._trainer.net.proto, caffe_pb2.TRAIN)
-        self.test_nets = [Net._wrap(n, p, caffe_pb2.TEST)
-                          for n, p in zip(self._trainer.test_nets, self._trainer.test_protos, strict=True)]
+        trainer = self._trainer
+        self.net = Net._wrap(trainer.net, trainer.net.proto, caffe_pb2.TRAIN, trainer.train_feeder)
+        self.test_nets = [Net._wrap(n, p, caffe_pb2.TEST, f) for n, p, f in
+                          zip(trainer.test_nets, trainer.test_protos, trainer.test_feeders, strict=True)]
 
     @property
     def iter(self) -> int:
