@@ -536,3 +536,57 @@ def test_a_script_sets_dummydata_labels_for_nets_and_solvers(tmp_path):
     solver.step(1)
     assert float(solver.net.blobs["loss"].data) == pytest.approx(_hand_loss(w0, b0, labels), rel=1e-5)
     np.testing.assert_array_equal(solver.net.blobs["label"].data, labels)
+
+
+def test_memory_data_share_with_and_forward_backward_all(tmp_path):
+    """set_input_arrays feeds a MemoryData layer batch after batch (wrapping); share_with makes a net use
+    another's weights; forward_backward_all returns the outputs and the input diffs."""
+    (tmp_path / "m.prototxt").write_text(
+        "layer { type: 'MemoryData' name: 'mem' top: 'x' top: 'label' memory_data_param { batch_size: 2 "
+        "channels: 1 height: 1 width: 3 } }\n"
+        "layer { type: 'InnerProduct' name: 'ip' bottom: 'x' top: 'ip' inner_product_param { num_output: 2 "
+        "weight_filler { type: 'gaussian' std: 1 } } }\n"
+        "layer { type: 'SoftmaxWithLoss' name: 'loss' bottom: 'ip' bottom: 'label' top: 'loss' }\n")
+    net = caffe.Net(str(tmp_path / "m.prototxt"), caffe.TRAIN)
+    with pytest.raises(Exception, match="call set_input_arrays first"):
+        net.forward()
+    with pytest.raises(Exception, match="multiple of the batch size 2"):
+        net.set_input_arrays(np.zeros((3, 1, 1, 3)), np.zeros(3))
+    data = np.arange(12, dtype=np.float32).reshape(4, 1, 1, 3)
+    net.set_input_arrays(data, np.array([0, 1, 1, 0], np.float32))
+    for first in (0, 2, 0):  # batches of 2, wrapping after the fourth item
+        net.forward()
+        np.testing.assert_array_equal(net.blobs["x"].data, data[first:first + 2])
+    other = caffe.Net(str(tmp_path / "m.prototxt"), caffe.TRAIN)
+    other.share_with(net)
+    net.params["ip"][0].data[...] = 0.25
+    np.testing.assert_array_equal(other.params["ip"][0].data, net.params["ip"][0].data)
+    (tmp_path / "i.prototxt").write_text(
+        "input: 'x' input_shape { dim: 2 dim: 3 }\n"
+        "layer { type: 'InnerProduct' name: 'ip' bottom: 'x' top: 'ip' inner_product_param { num_output: 2 "
+        "weight_filler { type: 'gaussian' std: 1 } } }\n")
+    plain = caffe.Net(str(tmp_path / "i.prototxt"), caffe.TRAIN)
+    x = np.ones((2, 3), np.float32)
+    plain.blobs["ip"].diff[...] = 1
+    outs, diffs = plain.forward_backward_all(x=x)
+    np.testing.assert_allclose(outs["ip"], x @ plain.params["ip"][0].data.T + plain.params["ip"][1].data, rtol=1e-6)
+    np.testing.assert_allclose(diffs["x"], np.ones((2, 2)) @ plain.params["ip"][0].data, rtol=1e-6)
+
+
+def test_solver_snapshot_restore_and_test_nets(tmp_path):
+    """solver.snapshot() writes <prefix>_iter_N.caffemodel/.solverstate; a new solver restores iter and
+    weights from the state; test_nets are the solver's TEST nets, sharing the trained weights."""
+    (tmp_path / "l.prototxt").write_text(LABELLED)
+    (tmp_path / "s.prototxt").write_text(f'net: "{tmp_path / "l.prototxt"}" base_lr: 0.1 lr_policy: "fixed" '
+                                         f'test_iter: 1 test_interval: 100 max_iter: 10 '
+                                         f'snapshot_prefix: "{tmp_path / "snap"}"\n')
+    solver = caffe.get_solver(str(tmp_path / "s.prototxt"))
+    assert len(solver.test_nets) == 1
+    solver.step(3)
+    np.testing.assert_array_equal(solver.test_nets[0].params["ip"][0].data, solver.net.params["ip"][0].data)
+    solver.snapshot()
+    assert (tmp_path / "snap_iter_3.caffemodel").exists() and (tmp_path / "snap_iter_3.solverstate").exists()
+    again = caffe.get_solver(str(tmp_path / "s.prototxt"))
+    again.restore(str(tmp_path / "snap_iter_3.solverstate"))
+    assert again.iter == 3
+    np.testing.assert_array_equal(again.net.params["ip"][0].data, solver.net.params["ip"][0].data)

@@ -18,6 +18,7 @@ from converter.layers.base import allow_python_layers, python_layers_allowed, su
 from converter.net import CaffeNet
 from converter.weights import load_weights, save_weights
 
+FED_HERE = ("Input", "MemoryData")  # data layers whose tops the script gives (blobs, set_input_arrays)
 TRAIN = caffe_pb2.TRAIN
 TEST = caffe_pb2.TEST
 _MODE = {"device": "cpu"}
@@ -116,10 +117,14 @@ class Net:
                 self.params[lp.name] = blobs
         self.layer_dict = OrderedDict((lp.name, layer) for lp, layer in zip(net.layer_params, self.layers,
                                                                              strict=True))
-        if self._feeder is None and any(layer.type != "Input" for layer in net.data_layers):
+        if self._feeder is None and any(layer.type not in FED_HERE for layer in net.data_layers):
             from runner.data import NetFeeder
 
-            self._feeder = NetFeeder(proto, phase)
+            sourced = caffe_pb2.NetParameter()
+            sourced.CopyFrom(proto)
+            del sourced.layer[:]
+            sourced.layer.extend(lp for lp in proto.layer if lp.type != "MemoryData")
+            self._feeder = NetFeeder(sourced, phase)
         self._link()
 
     def _link(self) -> None:
@@ -156,6 +161,14 @@ class Net:
     def _inputs(self) -> dict[str, torch.Tensor]:
         """The data layers' tops: Input blobs from their ``data`` arrays, Data layers from their sources."""
         feeds = {}
+        for layer in self._net.data_layers:
+            if layer.type == "MemoryData":
+                if getattr(self, "_memory", None) is None:
+                    raise CaffeError(f"layer '{layer.name}' (MemoryData): call set_input_arrays first")
+                data, labels = self._memory
+                take = (self._memory_pos + np.arange(layer.top_shapes[0][0])) % len(data)
+                self._memory_pos += len(take)
+                self.blobs[layer.tops[0]].data, self.blobs[layer.tops[1]].data = data[take], labels[take]
         if self._feeder is not None:
             constant = self._feeder.constant_tops()
             for name, value in self._feeder.next().items():
@@ -302,10 +315,18 @@ class Net:
         self._link()
 
     def set_input_arrays(self, data: np.ndarray, labels: np.ndarray) -> None:
-        """MemoryData's input: the first data layer's tops get ``data`` and ``labels``."""
-        tops = self._net.data_layers[0].tops
-        self.blobs[tops[0]].data = np.ascontiguousarray(data, np.float32)
-        self.blobs[tops[1]].data = np.ascontiguousarray(labels, np.float32).reshape(len(labels))
+        """``MemoryDataLayer::Reset``: the first layer (a MemoryData) reads ``data`` (N×C×H×W) and ``labels``
+        (N) from here, ``batch_size`` items per forward, wrapping around (N a multiple of the batch)."""
+        layer = self._net.data_layers[0] if self._net.data_layers else None
+        if layer is None or layer.type != "MemoryData":
+            raise CaffeError("set_input_arrays may only be called if the first layer is a MemoryData layer")
+        batch = layer.top_shapes[0][0]
+        data, labels = np.asarray(data), np.asarray(labels)
+        if data.ndim != 4 or labels.shape[0] != data.shape[0] or data.shape[0] % batch:
+            raise CaffeError(f"set_input_arrays: data must be N×C×H×W with N labels and N a multiple of the batch "
+                             f"size {batch}; got data {data.shape}, labels {labels.shape}")
+        self._memory = (np.ascontiguousarray(data, np.float32), np.ascontiguousarray(labels, np.float32).ravel())
+        self._memory_pos = 0
 
     def copy_from(self, weights: str) -> None:
         """``CopyTrainedLayersFrom``: same-named layers take the file's blobs, in place."""
