@@ -590,3 +590,62 @@ def test_solver_snapshot_restore_and_test_nets(tmp_path):
     again.restore(str(tmp_path / "snap_iter_3.solverstate"))
     assert again.iter == 3
     np.testing.assert_array_equal(again.net.params["ip"][0].data, solver.net.params["ip"][0].data)
+
+
+def test_netspec_writes_the_thesis_egomotion_net_as_its_scripts_did():
+    """The thesis generated its siamese net with NetSpec: one tower function called twice with convolution
+    params shared by name, Slice with ntop, in-place ReLU/Dropout, phase-specific data layers, a Silence with
+    ntop=0. The TRAIN net it writes is prototxt/mnist/egomotion_train_val.prototxt's TRAIN net, layer for
+    layer, and builds to the same parameters."""
+    from caffe import layers as L
+    from caffe import params as P
+
+    def shared(name):
+        return [dict(name=f"{name}_w", lr_mult=1, decay_mult=1), dict(name=f"{name}_b", lr_mult=2, decay_mult=0)]
+
+    learn = [dict(lr_mult=1, decay_mult=1), dict(lr_mult=2, decay_mult=0)]
+    gauss = dict(type="gaussian", std=0.01)
+    bias = dict(type="constant", value=0.1)
+
+    def tower(n, image, s=""):
+        n[f"conv1{s}"] = L.Convolution(image, num_output=96, kernel_size=11, stride=4, param=shared("conv1"),
+                                       weight_filler=gauss, bias_filler=bias)
+        n[f"relu1{s}"] = L.ReLU(n[f"conv1{s}"], in_place=True)
+        n[f"pool1{s}"] = L.Pooling(n[f"relu1{s}"], pool=P.Pooling.MAX, kernel_size=3, stride=2)
+        n[f"norm1{s}"] = L.LRN(n[f"pool1{s}"], local_size=5, alpha=0.0001, beta=0.75)
+        n[f"conv2{s}"] = L.Convolution(n[f"norm1{s}"], num_output=256, kernel_size=5, pad=2, group=2,
+                                       param=shared("conv2"), weight_filler=gauss, bias_filler=bias)
+        n[f"relu2{s}"] = L.ReLU(n[f"conv2{s}"], in_place=True)
+        n[f"pool2{s}"] = L.Pooling(n[f"relu2{s}"], pool=P.Pooling.MAX, kernel_size=3, stride=2)
+        n[f"norm2{s}"] = L.LRN(n[f"pool2{s}"], local_size=5, alpha=0.0001, beta=0.75)
+        return n[f"norm2{s}"]
+
+    n = caffe.NetSpec()
+    train = dict(phase=caffe.TRAIN)
+    n.pairs, n.sim = L.Data(source="data/mnist/pairs_train_lmdb", batch_size=125, backend=P.Data.LMDB, ntop=2,
+                            transform_param=dict(scale=0.00392156862745098), include=train)
+    n.motion = L.Data(source="data/mnist/pairs_train_labels_lmdb", batch_size=125, backend=P.Data.LMDB,
+                      include=train)
+    n.image0, n.image1 = L.Slice(n.pairs, name="slice_pairs", axis=1, slice_point=1, ntop=2)
+    n.label_x, n.label_y, n.label_z = L.Slice(n.motion, name="slice_motion", axis=1, slice_point=[1, 2], ntop=3)
+    n.silence_sim = L.Silence(n.sim, ntop=0)
+    n.concat = L.Concat(tower(n, n.image0), tower(n, n.image1, "_p"), axis=1)
+    fc = dict(type="gaussian", std=0.005)
+    n.fc1000 = L.InnerProduct(n.concat, num_output=1000, param=learn, weight_filler=fc, bias_filler=bias)
+    n.relu3 = L.ReLU(n.fc1000, in_place=True)
+    n.drop3 = L.Dropout(n.relu3, dropout_ratio=0.5, in_place=True)
+    for axis, classes in (("x", 7), ("y", 7), ("z", 20)):
+        n[f"fc_{axis}"] = L.InnerProduct(n.drop3, num_output=classes, param=learn, weight_filler=fc,
+                                         bias_filler=bias)
+    for axis in "xyz":
+        n[f"loss_{axis}"] = L.SoftmaxWithLoss(n[f"fc_{axis}"], n[f"label_{axis}"])
+    ours = n.to_proto()
+    theirs = filter_net(read_net(ROOT / "prototxt" / "mnist" / "egomotion_train_val.prototxt"), net_state("TRAIN"))
+    assert [lp.name for lp in ours.layer] == [lp.name for lp in theirs.layer]
+    for a, b in zip(ours.layer, theirs.layer, strict=True):
+        assert a == b, a.name
+    shapes = {"pairs": (2, 2, 28, 28), "sim": (2,), "motion": (2, 3)}
+    built = [CaffeNet(p, shapes, torch.Generator().manual_seed(1)) for p in (ours, theirs)]
+    assert len(built[0].params) == len(built[1].params)  # conv1/conv2 shared by name across the towers
+    for p, q in zip(built[0].params, built[1].params, strict=True):
+        assert torch.equal(p, q)
