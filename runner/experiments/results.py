@@ -79,6 +79,7 @@ def write_results(exp: Experiment, place: Place, records: list[dict]) -> str:
             writer = csv.DictWriter(f, fieldnames=list(probes[0]))
             writer.writeheader()
             writer.writerows(probes)
+        _plot_probes(exp, place, probes)
     lines += _comparison(exp, measured, counts, values, thesis)
     lines += _pretraining(exp, place)
     if exp.overrides:
@@ -129,6 +130,29 @@ def _pretraining(exp: Experiment, place: Place) -> list[str]:
                      f"{losses[max(losses)]:.4g}, weights handed on: `{Path(chosen).name}` (snapshot rule "
                      f"{experiment_pb2.SnapshotRule.Rule.Name(rule.rule)}){alive}")
     return lines
+
+
+def _plot_probes(exp: Experiment, place: Place, probes: list[dict]) -> None:
+    """probes.png: accuracy per probed layer, a line per method and images per class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(dict.fromkeys(r["layer"] for r in probes))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in probes):
+        for n in sorted({r["per_class"] for r in probes}):
+            means = [100 * np.mean([r["accuracy"] for r in probes if (r["method"], r["per_class"], r["layer"]) ==
+                                    (method, n, layer)] or [np.nan]) for layer in layers]
+            ax.plot(layers, means, marker="o", label=f"{method}, {n}/class")
+    ax.set_xlabel("probed layer")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"{exp.param.name or exp.name}: probes ({exp.scale})", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(place.runs / "probes.png", dpi=120)
+    plt.close(fig)
 
 
 def _plot(exp, place, measured, counts, values, thesis) -> None:
