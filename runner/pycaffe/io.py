@@ -6,6 +6,8 @@ import numpy as np
 
 from converter import caffe_pb2
 from converter.io import array_to_blob
+from data_prep.datum import array_to_datum as _array_to_datum
+from data_prep.datum import datum_to_array as _datum_to_array
 
 
 def blobproto_to_array(blob: caffe_pb2.BlobProto, return_diff: bool = False) -> np.ndarray:
@@ -37,23 +39,18 @@ def blobprotovector_str_to_arraylist(text: bytes) -> list[np.ndarray]:
 
 
 def array_to_datum(arr: np.ndarray, label: int | None = None) -> caffe_pb2.Datum:
-    """A 3-d C×H×W array as a Datum: uint8 as raw bytes, any other type as float_data (as pycaffe)."""
-    if arr.ndim != 3:
-        raise ValueError("Incorrect array shape.")
-    datum = caffe_pb2.Datum(channels=arr.shape[0], height=arr.shape[1], width=arr.shape[2])
-    if arr.dtype == np.uint8:
-        datum.data = arr.tobytes()
-    else:
-        datum.float_data.extend(arr.astype(float).flat)
-    if label is not None:
-        datum.label = label
+    """A C×H×W array as a raw Datum (data_prep.datum's rule: uint8 as bytes, any other type as float_data);
+    without a label the field stays unset, as pycaffe's."""
+    arr = np.asarray(arr)
+    datum = _array_to_datum(arr if arr.dtype == np.uint8 else arr.astype(np.float32), label or 0)
+    if label is None:
+        datum.ClearField("label")
     return datum
 
 
 def datum_to_array(datum: caffe_pb2.Datum) -> np.ndarray:
-    if len(datum.data):
-        return np.frombuffer(datum.data, np.uint8).reshape(datum.channels, datum.height, datum.width)
-    return np.array(datum.float_data).astype(float).reshape(datum.channels, datum.height, datum.width)
+    """The Datum's C×H×W values (uint8 data, float float_data; encoded images decoded)."""
+    return _datum_to_array(datum)
 
 
 # ----------------------------------------------------------------------------------------------------
