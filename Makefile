@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 PROTOC  := $(PY) -m grpc_tools.protoc
 
-.PHONY: install test lint proto train eval bench clean
+.PHONY: install test lint proto train eval bench gpu-check clean
 
 install: $(STAMP)
 
@@ -66,6 +66,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_probe.py
 	-$(PY) benchmarks/fuzz.py  # failures are listed in the report; it is written anyway
 	$(PY) benchmarks/report.py
+
+# On a machine with a GPU: Caffe's golden trajectories trained on CUDA (cuDNN on and off) against Caffe's losses,
+# and the MNIST egomotion step's speed -> benchmarks/results/gpu.json (benchmarks/gpu_check.py).
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py --device cuda
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache .ruff_cache

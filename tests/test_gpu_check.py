@@ -1,0 +1,40 @@
+"""``make gpu-check``'s script in its CPU mode (``--device cpu --quick``), so it cannot rot between GPU runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.golden import GOLDEN
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_cpu_quick_mode(tmp_path):
+    if not GOLDEN.is_dir():
+        pytest.skip(f"{GOLDEN} is absent")
+    out = tmp_path / "gpu.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--quick",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert set(record["trajectories"]) == {"sgd_inv", "adam"}
+    for case in record["trajectories"].values():
+        assert case["cpu"]["iterations"] == 6 and case["cpu"]["max_rel_loss_error"] < 1e-4  # Caffe's losses
+    if (ROOT.parent / "shared" / "data" / "mnist").is_dir():
+        assert record["mnist_step_ms"] > 0
+    assert json.loads(done.stdout.strip().splitlines()[-1])["benchmark"] == "gpu_check"
+
+
+def test_gpu_check_refuses_cuda_without_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cuda",
+                           "--out", str(tmp_path / "x.json")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "sees no CUDA device" in done.stderr and not (tmp_path / "x.json").exists()
