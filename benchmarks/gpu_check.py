@@ -108,7 +108,8 @@ def main() -> int:
     for mode, cudnn in modes.items():
         torch.backends.cudnn.enabled = cudnn
         for case in cases:
-            record["trajectories"].setdefault(case, {})[mode] = trajectory(golden / case, gpu, 5 if args.quick else None)
+            result = trajectory(golden / case, gpu, 5 if args.quick else None)
+            record["trajectories"].setdefault(case, {})[mode] = result
     torch.backends.cudnn.enabled = True
     mnist = Path(args.mnist)
     if mnist.is_dir():
