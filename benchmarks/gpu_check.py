@@ -100,7 +100,7 @@ def main() -> int:
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     gpu = "0" if args.device == "cuda" else None
     record: dict = {"versions": versions(args.device), "trajectories": {}}
-    golden = Path(args.golden)
+    golden = Path(args.golden).resolve()  # the trajectories run from inside each case folder
     cases = sorted(p.name for p in golden.iterdir() if (p / "losses.tsv").exists()) if golden.is_dir() else []
     if args.quick:
         cases = [c for c in cases if c in QUICK_CASES]
@@ -111,7 +111,7 @@ def main() -> int:
             result = trajectory(golden / case, gpu, 5 if args.quick else None)
             record["trajectories"].setdefault(case, {})[mode] = result
     torch.backends.cudnn.enabled = True
-    mnist = Path(args.mnist)
+    mnist = Path(args.mnist).resolve()
     if mnist.is_dir():
         from data_prep.mnist import load_mnist
 
