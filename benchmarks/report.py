@@ -106,9 +106,30 @@ def report(results: Path = RESULTS) -> str:
         lines += ["No results yet: run `make bench`.", ""]
     for name in names:
         lines += section(name, records[name])
+    if (results / "gpu.json").exists():
+        lines += gpu_section(json.loads((results / "gpu.json").read_text()))
     if NOTES.exists():
         lines += [NOTES.read_text().strip(), ""]
     return "\n".join(lines)
+
+
+def gpu_section(record: dict) -> list[str]:
+    """``make gpu-check``'s figures (benchmarks/gpu_check.py, run on a lent GPU)."""
+    v = record["versions"]
+    modes = sorted({m for t in record["trajectories"].values() for m in t})
+    lines = ["## GPU check (`make gpu-check`)", "",
+             f"{v.get('gpu', v['device'])}, torch {v['torch']}, CUDA {v['cuda']}, cuDNN {v['cudnn']}, Python "
+             f"{v['python']}. Each golden trajectory trained by `egomotion train --gpu 0`; the largest relative "
+             "loss error against BVLC Caffe's `losses.tsv` (CPU tolerance: 1e-4, adagrad 3e-3), with cuDNN on "
+             "(torch's default) and off (torch's own kernels):", "",
+             "| case | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+    for case, by_mode in record["trajectories"].items():
+        lines.append(f"| {case} | " + " | ".join(f"{by_mode[m]['max_rel_loss_error']:.1e} (iteration "
+                                                  f"{by_mode[m]['at_iteration']})" for m in modes) + " |")
+    if "mnist_step_ms" in record:
+        lines += ["", f"MNIST egomotion net (batch 125), the real training loop: {record['mnist_step_ms']:.1f} ms per "
+                  f"iteration, so the thesis's 40,000 iterations take {record['mnist_40k_minutes']:.1f} min.", ""]
+    return lines
 
 
 def main() -> int:
