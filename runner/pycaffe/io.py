@@ -182,3 +182,17 @@ class Transformer:
     def set_input_scale(self, in_: str, scale: float) -> None:
         self._check(in_)
         self.input_scale[in_] = scale
+
+
+def image_transformer(shape: tuple[int, ...], in_: str, mean=None, input_scale=None, raw_scale=None,
+                      channel_swap=None) -> Transformer:
+    """The Transformer Classifier and Detector give their input: H×W×K images transposed to K×H×W, then the
+    optional channel swap, raw scale, mean and input scale."""
+    t = Transformer({in_: shape})
+    t.set_transpose(in_, (2, 0, 1))
+    for setter, value in ((t.set_mean, mean), (t.set_input_scale, input_scale), (t.set_raw_scale, raw_scale),
+                          (t.set_channel_swap, channel_swap)):
+        if value is not None:
+            setter(in_, value)
+    return t
+
