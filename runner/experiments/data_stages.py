@@ -7,6 +7,7 @@ rebuilt (LMDBs overwritten).
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -45,10 +46,16 @@ def _generator(stage: experiment_pb2.DataStage) -> str:
     return set_[0]
 
 
-def _mnist(echo: Echo):
+@functools.cache
+def _mnist_digits(folder: str | None):
+    """MNIST, read once per process and source however many stages use it (the pairs and the digit sets)."""
     from data_prep.mnist import load_mnist
 
-    mnist = load_mnist(None)
+    return load_mnist(folder)
+
+
+def _mnist(echo: Echo):
+    mnist = _mnist_digits(os.environ.get("MNIST_DIR"))
     echo(f"data: MNIST from {mnist.origin}")
     return mnist
 

@@ -102,9 +102,8 @@ def check(param: experiment_pb2.ExperimentParameter, path: Path) -> None:
     for run in param.run:
         if not run.solver and not run.HasField("probe"):
             raise CaffeError(f"{path}: run '{run.name}' names no solver")
-        for relative in [run.solver] if run.solver else []:
-            if not (path.parent / relative).is_file():
-                raise CaffeError(f"{path}: run '{run.name}': no such solver {path.parent / relative}")
+        if run.solver and not (path.parent / run.solver).is_file():
+            raise CaffeError(f"{path}: run '{run.name}': no such solver {path.parent / run.solver}")
         if run.weights and run.weights not in runs and not run.weights.endswith(".caffemodel"):
             raise CaffeError(f"{path}: run '{run.name}' takes its weights from '{run.weights}', "
                              "which is not a run (nor a .caffemodel)")
