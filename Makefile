@@ -25,19 +25,22 @@ test: $(STAMP)
 #   EXP=transfer SUN_DIR=… IMAGENET_DIR=… SUN-397 layer probes and ImageNet fine-tuning of the KITTI snapshots
 #   EXP=my_copy                           a copy of a folder, edited
 # SCALE: demo (default), full (the thesis's schedule), smoke (seconds; tests), or any scale the folder defines.
-# RUNS=, DATA= move the runs/ and data/ folders. JOBS=N trains N nets side by side, each on cpus/N threads; GPU=0 (0,1 / all) trains on GPUs.
+# RUNS=, DATA= move the runs/ and data/ folders. THREADS=N (default 1) threads per training; JOBS=N trainings
+# side by side (default: usable CPUs / THREADS): JOBS never changes a number, THREADS changes the last bits.
+# GPU=0 (0,1 / all) trains on GPUs.
 # An interrupted target resumes each run from its newest snapshot when run again.
 # MNIST comes from MNIST_DIR (default: ../shared/data/mnist when present), else the cache or a download.
 # ---------------------------------------------------------------------------------------------------
 EXP       ?= mnist
 SCALE     ?= demo
-JOBS      ?= 1
+JOBS      ?=
+THREADS   ?= 1
 MNIST_DIR ?= $(wildcard $(abspath ../shared/data/mnist))
 export MNIST_DIR KITTI_DIR SUN_DIR IMAGENET_DIR
 EXPERIMENT := $(PY) -m runner.experiments
 RUNS      ?= runs
 DATA      ?= data
-EXP_FLAGS   = $(EXP) --scale $(SCALE) --jobs $(JOBS) --runs $(RUNS) --data $(DATA) $(if $(GPU),--gpu $(GPU))
+EXP_FLAGS   = $(EXP) --scale $(SCALE) --threads $(THREADS) $(if $(JOBS),--jobs $(JOBS)) --runs $(RUNS) --data $(DATA) $(if $(GPU),--gpu $(GPU))
 
 train: $(STAMP)
 	$(EXPERIMENT) train $(EXP_FLAGS)

@@ -387,11 +387,13 @@ class NetFeeder:
         self._iter = None  # the worker pool, started by the first next()
 
     def _start_workers(self) -> None:
+        # A private generator: without one, the DataLoader draws its workers' base seed from torch's global
+        # stream, the one dropout and the fillers draw from, and the worker count would change the numbers.
         loader = torch.utils.data.DataLoader(
             _WorkerBatches(self.sources, self.seed, self.phase), batch_size=None,
             sampler=itertools.count(self.batch), num_workers=self.workers,
             pin_memory=self.device.type == "cuda", prefetch_factor=max(2, math.ceil(4 / self.workers)),
-            worker_init_fn=_worker_init)
+            worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(self.seed))
         self._iter = iter(loader)
 
     def _stop_workers(self) -> None:

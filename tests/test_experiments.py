@@ -61,10 +61,10 @@ def test_a_copied_experiment_trains_with_its_own_edited_values(tmp_path, mnist_e
     assert "batch_size: 25" in (runs / "sfa10" / "net.prototxt").read_text()
 
 
-def test_mnist_smoke_end_to_end_resumes_and_reuses(tmp_path, capsys, mnist_env):
+def test_mnist_smoke_end_to_end_resumes_and_reuses(tmp_path, capfd, mnist_env):
     argv = ["mnist", "--scale", "smoke", "--runs", str(tmp_path / "runs"), "--data", str(tmp_path / "data")]
     assert main(["eval", *argv]) == 2  # nothing pre-trained yet: one clear line
-    assert "make train EXP=mnist SCALE=smoke" in capsys.readouterr().err
+    assert "make train EXP=mnist SCALE=smoke" in capfd.readouterr().err
     assert main(["train", *argv]) == 0
     runs = tmp_path / "runs" / "mnist" / "smoke"
     for name in ("egomotion", "sfa10", "sfa100"):
@@ -76,9 +76,9 @@ def test_mnist_smoke_end_to_end_resumes_and_reuses(tmp_path, capsys, mnist_env):
     # an interrupted pre-training (its last snapshot and records gone) resumes from its newest snapshot
     for leftover in ("CHOSEN", "result.json", "snap_iter_20.caffemodel", "snap_iter_20.solverstate"):
         (runs / "sfa10" / leftover).unlink()
-    capsys.readouterr()
+    capfd.readouterr()
     assert main(["train", *argv]) == 0
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     assert "sfa10: resuming from snap_iter_10.solverstate" in out
     assert "Restoring previous solver status from" in (runs / "sfa10" / "train.log").read_text()
     assert (runs / "sfa10" / "snap_iter_20.caffemodel").exists()
@@ -98,9 +98,15 @@ def test_mnist_smoke_end_to_end_resumes_and_reuses(tmp_path, capsys, mnist_env):
     assert "| labels | egomotion − from scratch |" in table and "more than 5 points from the thesis" in table
     assert "of its `norm2` features are non-zero on a test batch" in table
     assert (runs / "accuracy.png").stat().st_size > 1000 and (runs / "pretraining_loss.png").stat().st_size > 1000
-    capsys.readouterr()
+    # --jobs never changes a number: the from-scratch run (every layer learning) trained again alone
+    scratch = runs / "scratch" / "100_seed1"
+    side_by_side = (scratch / "snap_iter_10.caffemodel").read_bytes()
+    shutil.rmtree(scratch)
+    assert main(["eval", *argv, "--jobs", "1"]) == 0
+    assert (scratch / "snap_iter_10.caffemodel").read_bytes() == side_by_side
+    capfd.readouterr()
     assert main(["train", *argv]) == 0  # everything done before is reused, not redone
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     assert out.count("is ready") == 2 and "training (log" not in out
 
 

@@ -20,27 +20,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", choices=["train", "eval"])
     parser.add_argument("experiment", help="a folder of prototxt/ (mnist, kitti, transfer, …) or a path")
     parser.add_argument("--scale", default=None, help="a scale the experiment defines (default: its default_scale)")
-    parser.add_argument("--jobs", type=int, default=1, help="trainings run side by side, each on cpus/jobs threads")
+    parser.add_argument("--jobs", type=int, default=0,
+                        help="trainings run side by side (default: usable CPUs / --threads, 1 with --gpu); "
+                        "never changes a number")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads of each training (default 1); the last bits of a run depend on it")
     parser.add_argument("--gpu", default=None, help="train on GPUs as `egomotion train --gpu` (0, 0,1, all)")
     parser.add_argument("--runs", default="runs", help="runs go to RUNS/<experiment>/<scale>/")
     parser.add_argument("--data", default="data", help="data go to DATA/<experiment>/<scale>/")
     args = parser.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(engine.usable_cpus())
     try:
-        if args.jobs < 1:
-            raise CaffeError(f"--jobs must be at least 1, got {args.jobs}")
+        if args.jobs < 0 or args.threads < 1:
+            raise CaffeError(f"--jobs must be 0 (automatic) or more and --threads 1 or more, "
+                             f"got --jobs {args.jobs} --threads {args.threads}")
+        jobs = args.jobs or (1 if args.gpu else max(1, engine.usable_cpus() // args.threads))
         exp = load(args.experiment, args.scale)
         place = engine.Place.of(exp, args.runs, args.data)
-        engine.say(f"{exp.name} at scale {exp.scale}: runs in {place.runs}, data in {place.data}")
+        engine.say(f"{exp.name} at scale {exp.scale}: runs in {place.runs}, data in {place.data}; "
+                   f"{jobs} job(s) side by side, {args.threads} thread(s) each")
         for line in exp.overrides:
             engine.say(f"scale {exp.scale}: {line}")
         start = time.perf_counter()
         if args.stage == "train":
-            engine.train_stage(exp, place, args.jobs, args.gpu)
+            engine.train_stage(exp, place, jobs, args.threads, args.gpu)
         else:
-            engine.eval_stage(exp, place, args.jobs, args.gpu)
+            engine.eval_stage(exp, place, jobs, args.threads, args.gpu)
         engine.say(f"{args.stage}: done in {time.perf_counter() - start:.0f} s")
     except CaffeError as e:
         print(f"{args.experiment} experiment: error: {e}", file=sys.stderr)

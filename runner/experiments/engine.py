@@ -318,21 +318,29 @@ def run_job(experiment: str, scale: str, runs: str, data: str, job: Job, gpu: st
 # ----------------------------------------------------------------------------------------------------
 # Stages
 # ----------------------------------------------------------------------------------------------------
-def run_jobs(fn: Callable, jobs: list[tuple], workers: int, done: Callable) -> list:
-    """``fn(*job)`` for every job, in ``workers`` processes with the cores split between them (each sets its
-    thread count from its share); ``done(k, job, result)`` as each ends. Results come back in the jobs' order."""
+def run_jobs(fn: Callable, jobs: list[tuple], workers: int, threads: int, done: Callable) -> list:
+    """``fn(*job)`` for every job, ``workers`` at a time (in spawned processes when more than one), each on
+    ``threads`` intra-op threads; ``done(k, job, result)`` as each ends. Results come back in the jobs' order.
+
+    The thread count is the run's own, never derived from ``workers``: a convolution's weight gradient sums
+    over the batch in thread-sized slices, so its last bits depend on the threads, and ``--jobs`` must not
+    change a number (as Caffe's prefetch threads never do)."""
     import torch
 
     results: dict[int, object] = {}
     if workers <= 1:
-        for k, job in enumerate(jobs):
-            results[k] = fn(*job)
-            done(len(results), job, results[k])
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for k, job in enumerate(jobs):
+                results[k] = fn(*job)
+                done(len(results), job, results[k])
+        finally:
+            torch.set_num_threads(before)
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        threads = max(1, usable_cpus() // workers)
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=torch.set_num_threads, initargs=(threads,)) as pool:
             futures = {pool.submit(fn, *job): k for k, job in enumerate(jobs)}
@@ -362,12 +370,13 @@ def make_data(exp: Experiment, place: Place) -> None:
         data_stages.make(stage, place.data, say)
 
 
-def train_stage(exp: Experiment, place: Place, workers: int, gpu: str | None) -> list[dict]:
+def train_stage(exp: Experiment, place: Place, workers: int, threads: int, gpu: str | None) -> list[dict]:
     make_data(exp, place)
-    return _run_stage(exp, place, experiment_pb2.RunParameter.TRAIN, workers, gpu)
+    return _run_stage(exp, place, experiment_pb2.RunParameter.TRAIN, workers, threads, gpu)
 
 
-def _run_stage(exp: Experiment, place: Place, stage: int, workers: int, gpu: str | None) -> list[dict]:
+def _run_stage(exp: Experiment, place: Place, stage: int, workers: int, threads: int, gpu: str | None
+               ) -> list[dict]:
     jobs = stage_jobs(exp, stage)
     start = time.perf_counter()
     for job in jobs:
@@ -385,10 +394,10 @@ def _run_stage(exp: Experiment, place: Place, stage: int, workers: int, gpu: str
 
     args = [(str(exp.folder), exp.scale, str(place.runs.parents[1]), str(place.data.parents[1]), job, gpu)
             for job in jobs]
-    return run_jobs(run_job, args, workers, done)
+    return run_jobs(run_job, args, workers, threads, done)
 
 
-def eval_stage(exp: Experiment, place: Place, workers: int, gpu: str | None) -> list[dict]:
+def eval_stage(exp: Experiment, place: Place, workers: int, threads: int, gpu: str | None) -> list[dict]:
     from runner.experiments.results import write_results
 
     missing = [r.name for r in exp.param.run if r.stage == experiment_pb2.RunParameter.TRAIN
@@ -397,6 +406,6 @@ def eval_stage(exp: Experiment, place: Place, workers: int, gpu: str | None) -> 
         raise CaffeError(f"no pre-trained {', '.join(missing)} in {place.runs}: "
                          f"run `make train EXP={exp.name} SCALE={exp.scale}` first")
     make_data(exp, place)
-    records = _run_stage(exp, place, experiment_pb2.RunParameter.EVAL, workers, gpu)
+    records = _run_stage(exp, place, experiment_pb2.RunParameter.EVAL, workers, threads, gpu)
     say(write_results(exp, place, records))
     return records
