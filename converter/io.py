@@ -10,9 +10,12 @@ User mistakes raise :class:`CaffeError` with one line: ``path:line:col: message`
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -84,8 +87,22 @@ def read_message(path: str | os.PathLike, message: pb_message.Message) -> pb_mes
     return read_binary(path, message) if _is_binary(path) else read_text(path, message)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``. The file gets the
+    mode a plain ``open`` would give it (0666 less the umask), not mkstemp's private 0600."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
@@ -95,6 +112,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except OSError as e:
         raise CaffeError(f"{path}: cannot write ({e.strerror})") from None
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -105,6 +123,37 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise CaffeError(f"{path}: cannot write ({e.strerror})") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A folder written as a whole: the caller fills a hidden sibling, which replaces ``path`` only when the
+    block ends without error. Any failure (a full disk, a file-size limit, a bad place) removes the sibling
+    and is one CaffeError line; an existing ``path`` is untouched until then, and a file there is refused."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CaffeError(f"{path}: exists and is not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+        os.chmod(stage, 0o777 & ~_umask())
+    except OSError as e:
+        raise CaffeError(f"{path}: cannot create the folder ({e.strerror or e})") from None
+    try:
+        yield stage
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(stage, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise CaffeError(f"{path}: cannot write ({e.strerror or e}); nothing was written there") from None
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
         raise
 
 

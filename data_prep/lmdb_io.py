@@ -24,6 +24,7 @@ import lmdb
 import numpy as np
 
 from converter.errors import CaffeError
+from data_prep import lmdb_check
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ def open_readonly(path: str | os.PathLike, what: str = "") -> lmdb.Environment:
         if looks_like_leveldb(p):
             raise _leveldb_refusal(path, where)
         raise CaffeError(f"{where}'{path}' is not an LMDB (no data.mdb in it)")
+    lmdb_check.verify(p, where)  # a truncated or damaged data.mdb: one line here, not a SIGBUS later
     try:
         return lmdb.open(str(p), readonly=True, lock=False, subdir=p.is_dir(), max_readers=2048)
     except lmdb.Error as e:
@@ -232,6 +234,8 @@ class LMDBWriter:
         if contents and mode == "new":
             raise CaffeError(f"'{p}' already exists; pass --append to add to it (resumes an interrupted run) or "
                              "--overwrite to rebuild it")
+        if contents and mode == "append" and (p / "data.mdb").exists():
+            lmdb_check.verify(p)
         if contents and mode == "overwrite":
             if not contents <= _LMDB_FILES:
                 raise CaffeError(f"'{p}' holds files other than an LMDB's ({', '.join(sorted(contents - _LMDB_FILES))})"

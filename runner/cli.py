@@ -10,9 +10,12 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 
 from converter.errors import CaffeError
+from runner.flags import int32
 
 
 class UsageError(Exception):
@@ -79,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="parse, upgrade, filter and build a net or solver; print its layers")
     p.add_argument("file", help="a net .prototxt/.caffemodel or a solver .prototxt")
     p.add_argument("--phase", default=None, help="TRAIN or TEST (default: the net's state, TEST)")
-    p.add_argument("--level", type=int, default=0)
+    p.add_argument("--level", type=int32, default=0)
     p.add_argument("--stage", action="append", default=[], help="a NetState stage (repeatable)")
     p.add_argument("--shape", type=_shape, action="append", default=[],
                    help="name=N,C,H,W for a data layer top whose source is absent (repeatable)")
@@ -106,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outputs", default=None, help="comma-separated blobs to output (default: the net's outputs)")
     p.add_argument("--input-shape", action="append", default=[],
                    help="N,C,H,W for every input, or name=N,C,H,W (repeatable); the batch stays dynamic")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int32, default=17)
     p.add_argument("--stage", action="append", default=[], help="a NetState stage (repeatable)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime parity check")
     p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
@@ -126,34 +129,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help="fine-tune from .caffemodel(s), comma-separated")
     p.add_argument("--snapshot", default=None, help="resume from a .solverstate")
     p.add_argument("--gpu", default=None, help="CUDA device ids: 0, 0,1 or all (absent: CPU)")
-    p.add_argument("--iterations", type=int, default=None, help="override the solver's max_iter")
+    p.add_argument("--iterations", type=int32, default=None, help="override the solver's max_iter")
     p.add_argument("--sigint_effect", default="stop", help="on SIGINT: stop, snapshot or none")
     p.add_argument("--sighup_effect", default="snapshot", help="on SIGHUP: stop, snapshot or none")
-    p.add_argument("--level", type=int, default=None, help="the train net's NetState level")
+    p.add_argument("--level", type=int32, default=None, help="the train net's NetState level")
     p.add_argument("--stage", default=None, help="the train net's NetState stages, comma-separated")
     p.add_argument("--log", default=None, help="log file (default: train.log beside the snapshots)")
     p.add_argument("--csv", default=None, help="CSV file (default: train.csv beside the snapshots)")
-    p.add_argument("--workers", type=int, default=0, help="data reading processes (0: in the main process)")
+    p.add_argument("--workers", type=int32, default=0, help="data reading processes (0: in the main process)")
     _python_flag(p)
 
     p = sub.add_parser("test", help="score a model on its TEST data as `caffe test` does")
     _python_flag(p)
     p.add_argument("--model", required=True)
     p.add_argument("--weights", required=True, help=".caffemodel(s), comma-separated")
-    p.add_argument("--iterations", type=int, default=50)
+    p.add_argument("--iterations", type=int32, default=50)
     p.add_argument("--gpu", default=None)
     p.add_argument("--phase", default="TEST")
-    p.add_argument("--level", type=int, default=0)
+    p.add_argument("--level", type=int32, default=0)
     p.add_argument("--stage", default=None, help="comma-separated NetState stages")
 
     p = sub.add_parser("time", help="average forward/backward time per layer as `caffe time` does")
     _python_flag(p)
     p.add_argument("--model", required=True)
     p.add_argument("--weights", default=None)
-    p.add_argument("--iterations", type=int, default=50)
+    p.add_argument("--iterations", type=int32, default=50)
     p.add_argument("--gpu", default=None)
     p.add_argument("--phase", default="TRAIN")
-    p.add_argument("--level", type=int, default=0)
+    p.add_argument("--level", type=int32, default=0)
     p.add_argument("--stage", default=None, help="comma-separated NetState stages")
 
     p = sub.add_parser("plot", help="draw loss, learning rate and test outputs of a training log")
@@ -172,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     # OpenCV writes its warnings (unreadable file, incomplete PNG) straight to stderr; the failures they
     # announce are reported as one CaffeError line instead. Read when OpenCV loads, so set before any import.
     os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+    # A file-size limit (ulimit -f) then fails a write with EFBIG, which is reported as one line and
+    # cleaned up, instead of killing the process mid-write (SIGXFSZ's default).
+    if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         args = build_parser().parse_args(argv)
     except UsageError as e:

@@ -185,6 +185,7 @@ class _LMDBSource(_StridedSource):
         with prefixed(f"{what}: LMDB '{dp.source}'"):
             first = parse_datum(value, key)
             chw = datum_shape(first, self.transformer.force_color, self.transformer.force_gray, key)
+        self.chw, self.first_key = tuple(chw), key
         self.shapes = _tops(lp, self.batch, self.transformer.output_shape(chw))
         if (self.transformer.force_color or self.transformer.force_gray) and not first.encoded:
             log.warning("%s: force_color and force_gray only for encoded datum (ignored, as in Caffe)", what)
@@ -215,7 +216,13 @@ class _LMDBSource(_StridedSource):
             for j, i in enumerate(self.offsets(b) % n):
                 key = self.keys[int(i)]
                 datum = parse_datum(reader.get(key), key)
-                items.append(datum_to_array(datum, tf.force_color, tf.force_gray, key))
+                item = datum_to_array(datum, tf.force_color, tf.force_gray, key)
+                if item.shape != self.chw:
+                    raise CaffeError(f"record {key.decode(errors='replace')!r}: "
+                                     f"{'x'.join(map(str, item.shape))}, but the first record "
+                                     f"{self.first_key.decode(errors='replace')!r}, which shaped the net, is "
+                                     f"{'x'.join(map(str, self.chw))}: every record must have one shape")
+                items.append(item)
                 labels[j] = datum.label
         data = alloc(tf.batch_shape(items))
         tf(items, rng, out=data.numpy())
@@ -393,7 +400,7 @@ class NetFeeder:
             _WorkerBatches(self.sources, self.seed, self.phase), batch_size=None,
             sampler=itertools.count(self.batch), num_workers=self.workers,
             pin_memory=self.device.type == "cuda", prefetch_factor=max(2, math.ceil(4 / self.workers)),
-            worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(self.seed))
+            worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(self.seed % (1 << 63)))
         self._iter = iter(loader)
 
     def _stop_workers(self) -> None:

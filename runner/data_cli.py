@@ -17,6 +17,7 @@ from converter.errors import CaffeError, format_shape, prefixed
 from data_prep.datum import datum_to_array, encoding_of, parse_datum
 from data_prep.imageset import compute_image_mean, convert_imageset
 from data_prep.lmdb_io import LMDBReader, looks_like_leveldb
+from runner.flags import int32
 
 _BOOL_FLAGS = {
     "gray": "treat images as grayscale ones",
@@ -48,16 +49,16 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p = sub.add_parser("convert-imageset", help="images listed as '<path> <label>' lines -> LMDB of Datums")
     for name, help_text in _BOOL_FLAGS.items():
         _bool_flag(p, name, help_text)
-    p.add_argument("--resize_height", type=int, default=0, help="height images are resized to")
-    p.add_argument("--resize_width", type=int, default=0, help="width images are resized to")
+    p.add_argument("--resize_height", type=int32, default=0, help="height images are resized to")
+    p.add_argument("--resize_width", type=int32, default=0, help="width images are resized to")
     p.add_argument("--encode_type", default="", help="encode as this type (png, jpg, ...); implies --encoded")
     _backend(p)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--append", action="store_true",
                       help="add to an existing DB, skipping keys already in it (resumes an interrupted run)")
     mode.add_argument("--overwrite", action="store_true", help="delete an existing DB first")
-    p.add_argument("--seed", type=int, default=None, help="seed of --shuffle (default: random, as Caffe)")
-    p.add_argument("--threads", type=int, default=None, help="image decoding threads (default: up to 8)")
+    p.add_argument("--seed", type=int32, default=None, help="seed of --shuffle (default: random, as Caffe)")
+    p.add_argument("--threads", type=int32, default=None, help="image decoding threads (default: up to 8)")
     p.add_argument("root", metavar="ROOTFOLDER/", help="prefix of every listed path (concatenated as text)")
     p.add_argument("listfile", metavar="LISTFILE")
     p.add_argument("db", metavar="DB_NAME")
@@ -69,9 +70,9 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
 
     p = sub.add_parser("inspect", help="count, shapes, label histogram and first keys of an LMDB")
     p.add_argument("db", metavar="DB")
-    p.add_argument("--keys", type=int, default=5, help="how many first keys to print")
-    p.add_argument("--limit", type=int, default=0, help="scan at most this many records (0: all)")
-    p.add_argument("--decode", type=int, default=20, help="decode at most this many encoded records for shapes")
+    p.add_argument("--keys", type=int32, default=5, help="how many first keys to print")
+    p.add_argument("--limit", type=int32, default=0, help="scan at most this many records (0: all)")
+    p.add_argument("--decode", type=int32, default=20, help="decode at most this many encoded records for shapes")
 
     from runner.mnist_cli import add_mnist_parsers
 

@@ -9,14 +9,15 @@ their loss_weight; ``--top-diff`` sets the gradient arriving at other output blo
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from converter.errors import CaffeError
-from converter.io import filter_net, net_state, read_net
+from converter.errors import CaffeError, format_shape
+from converter.io import filter_net, net_state, read_net, staged_folder
 from converter.net import CaffeNet
 from converter.weights import load_weights
 
@@ -33,6 +34,7 @@ def _load_array(name: str, path: str) -> torch.Tensor:
             if f.read(6) != b"\x93NUMPY":
                 raise CaffeError(f"{what} (not a .npy file)")
             f.seek(0)
+            _check_npy_header(f, what)
             array = np.load(f, allow_pickle=False)
     except FileNotFoundError:
         raise CaffeError(f"{what} (no such file)") from None
@@ -44,7 +46,28 @@ def _load_array(name: str, path: str) -> torch.Tensor:
         raise CaffeError(f"{what} ({e.strerror or e})") from None
     if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
         raise CaffeError(f"{what} (dtype {array.dtype} is not numeric)")
+    if np.issubdtype(array.dtype, np.complexfloating):
+        raise CaffeError(f"{what} (dtype {array.dtype} is complex; blobs are real: save its real part or "
+                         f"magnitude)")
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def _check_npy_header(f, what: str) -> None:
+    """The shape and dtype a .npy header declares must fit the bytes that follow it: a header claiming
+    1e5 x 1e5 x 1e5 is refused before numpy allocates anything."""
+    try:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+            else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+    except (ValueError, SyntaxError, OverflowError) as e:
+        raise CaffeError(f"{what} (a bad .npy header: {str(e).splitlines()[0]})") from None
+    body = os.fstat(f.fileno()).st_size - f.tell()
+    need = int(np.prod(shape, dtype=object)) * dtype.itemsize if dtype.itemsize else 0
+    if need > body:
+        raise CaffeError(f"{what} (its header declares shape {'x'.join(map(str, shape)) or 'scalar'} of "
+                         f"{dtype}, {need:,} bytes, but the file holds {body:,} after the header)")
+    f.seek(0)
 
 
 @dataclass
@@ -116,6 +139,43 @@ def run_forward(net: CaffeNet, inputs: dict[str, torch.Tensor], backward: bool,
     return graph.blobs, blob_diffs, param_diffs, graph.loss.detach()
 
 
+def _check_declared_shapes(proto, phase: int, inputs: dict[str, torch.Tensor], files: dict[str, str]) -> None:
+    """An array whose shape differs from the one its layer declares (Input, DummyData, MemoryData) is
+    refused before the net is built, as Caffe's CLI would (it never reshapes a net to its input): a silent
+    reshape hides a wrong file."""
+    from converter.layers.base import layer_class
+    from converter.layers.data import DataLayer
+
+    classes = [layer_class(lp) for lp in proto.layer]  # an unknown or refused type is named first
+    for lp, cls in zip(proto.layer, classes, strict=True):
+        if not issubclass(cls, DataLayer) or not any(t in files for t in lp.top):
+            continue
+        declared = cls.declared_shapes(cls.__new__(cls), lp)
+        for top, shape in zip(lp.top, declared, strict=False):
+            if top in files and tuple(shape) != tuple(inputs[top].shape):
+                raise CaffeError(f"{files[top]}: array of shape {format_shape(tuple(inputs[top].shape))}, but "
+                                 f"layer '{lp.name}' ({lp.type}) declares blob '{top}' as {format_shape(shape)}; "
+                                 f"save an array of that shape or change the layer")
+
+
+def _dump(out: Path, net: CaffeNet, blobs: dict, blob_diffs: dict, param_diffs: dict, loss: torch.Tensor,
+          backward: bool) -> None:
+    """Every blob, diff and parameter as .npy files and the loss as text, under ``out``."""
+    for sub in [out, out / "params", *([out / "diffs", out / "param_diffs"] if backward else [])]:
+        sub.mkdir(parents=True, exist_ok=True)
+    for name, value in blobs.items():
+        np.save(out / f"{file_name(name)}.npy", value.detach().numpy())
+    for name, value in blob_diffs.items():
+        np.save(out / "diffs" / f"{file_name(name)}.npy", value)
+    for name, value in param_diffs.items():
+        np.save(out / "param_diffs" / f"{file_name(name)}.npy", value)
+    for lp, uses in zip(net.layer_params, net.blob_uses, strict=True):  # after the pass: BatchNorm's statistics
+        for j, use in enumerate(uses):
+            value = net.params[use.learnable].detach().reshape(use.shape).numpy()
+            np.save(out / "params" / f"{file_name(lp.name)}.{j}.npy", value)
+    (out / "loss.txt").write_text(f"{float(loss):.9g}\n")
+
+
 def forward(args: argparse.Namespace) -> int:
     """The ``egomotion forward`` verb: Input blobs from ``--input`` files, Data/ImageData layers' first batch
     from their sources (as Caffe's Net::Forward reads them), one pass, everything dumped."""
@@ -126,6 +186,7 @@ def forward(args: argparse.Namespace) -> int:
     proto = filter_net(proto, net_state(args.phase, 0, args.stage), args.model)
     phase = proto.state.phase
     inputs = {name: _load_array(name, path) for name, path in args.input}
+    _check_declared_shapes(proto, phase, inputs, dict(args.input))
     sourced = [lp for lp in proto.layer if lp.type in ("Data", "ImageData")]
     shapes = {**(input_shapes(proto, phase) if sourced else {}), **{n: tuple(t.shape) for n, t in inputs.items()}}
     net = CaffeNet(proto, shapes)
@@ -145,20 +206,8 @@ def forward(args: argparse.Namespace) -> int:
             load_weights(net, path)
     top_diffs = {name: _load_array(name, path) for name, path in args.top_diff}
     blobs, blob_diffs, param_diffs, loss = run_forward(net, inputs, args.backward, top_diffs)
-    out = Path(args.dump)
-    for sub in [out, out / "params", *([out / "diffs", out / "param_diffs"] if args.backward else [])]:
-        sub.mkdir(parents=True, exist_ok=True)
-    for name, value in blobs.items():
-        np.save(out / f"{file_name(name)}.npy", value.detach().numpy())
-    for name, value in blob_diffs.items():
-        np.save(out / "diffs" / f"{file_name(name)}.npy", value)
-    for name, value in param_diffs.items():
-        np.save(out / "param_diffs" / f"{file_name(name)}.npy", value)
-    for lp, uses in zip(net.layer_params, net.blob_uses, strict=True):  # after the pass: BatchNorm's statistics
-        for j, use in enumerate(uses):
-            value = net.params[use.learnable].detach().reshape(use.shape).numpy()
-            np.save(out / "params" / f"{file_name(lp.name)}.{j}.npy", value)
-    (out / "loss.txt").write_text(f"{float(loss):.9g}\n")
-    print(f"wrote {len(blobs)} blobs{f', {len(blob_diffs)} diffs' if args.backward else ''} to {out}; "
+    with staged_folder(args.dump) as out:
+        _dump(out, net, blobs, blob_diffs, param_diffs, loss, args.backward)
+    print(f"wrote {len(blobs)} blobs{f', {len(blob_diffs)} diffs' if args.backward else ''} to {args.dump}; "
           f"loss = {float(loss):.6g}")
     return 0

@@ -11,6 +11,7 @@ from pathlib import Path
 from converter.errors import CaffeError
 from data_prep import kitti
 from runner.curves import read_curves
+from runner.flags import int32
 
 
 def add_kitti_parsers(sub: argparse._SubParsersAction) -> None:
@@ -33,11 +34,11 @@ def add_kitti_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sampling", default="thesis", choices=["thesis", "paper"],
                    help="offsets uniform 1..7 (thesis) or round(U*7) = 0..7 (paper); SFA: 1..20 uniform (thesis) "
                    "or half close, half far (paper)")
-    p.add_argument("--max-offset", type=int, default=7, help="egomotion partner offset; the SFA 'close' limit")
-    p.add_argument("--sfa-max-offset", type=int, default=20, help="SFA offsets with --sampling thesis")
+    p.add_argument("--max-offset", type=int32, default=7, help="egomotion partner offset; the SFA 'close' limit")
+    p.add_argument("--sfa-max-offset", type=int32, default=20, help="SFA offsets with --sampling thesis")
     p.add_argument("--store", default="crop", choices=["crop", "full"],
                    help="one random crop window per pair, the same in both frames (thesis), or whole frames (paper)")
-    p.add_argument("--crop", type=int, default=227)
+    p.add_argument("--crop", type=int32, default=227)
     p.add_argument("--camera", default="image_2",
                    help="image_0..image_3, or several comma-separated (each pair takes one at random)")
     p.add_argument("--mode", default="auto", choices=["auto", "color", "gray"],
@@ -46,14 +47,14 @@ def add_kitti_parsers(sub: argparse._SubParsersAction) -> None:
                    help=f"training sequences, e.g. 00-08, 00,02 or 00:0-119 (paper: {kitti.PAPER_SPLIT[0]})")
     p.add_argument("--val", default=kitti.THESIS_SPLIT[1],
                    help=f"validation sequences, or none (paper: {kitti.PAPER_SPLIT[1]})")
-    p.add_argument("--pairs-per-sequence", type=int, default=2300)
-    p.add_argument("--train-pairs", type=int, default=None, help="total training pairs, shared in proportion to "
+    p.add_argument("--pairs-per-sequence", type=int32, default=2300)
+    p.add_argument("--train-pairs", type=int32, default=None, help="total training pairs, shared in proportion to "
                    "sequence length (instead of --pairs-per-sequence)")
-    p.add_argument("--val-pairs", type=int, default=None, help="total validation pairs, likewise")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-pairs", type=int32, default=None, help="total validation pairs, likewise")
+    p.add_argument("--seed", type=int32, default=0)
     p.add_argument("--mean", action="store_true", help="also write mean_train.binaryproto (compute_image_mean)")
     p.add_argument("--overwrite", action="store_true", help="rebuild existing LMDBs")
-    p.add_argument("--cache-mb", type=int, default=2048, help="memory for decoded frames")
+    p.add_argument("--cache-mb", type=int32, default=2048, help="memory for decoded frames")
     p.set_defaults(handler=run_pairs)
 
 
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("csv")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--title", default="")
-    p.add_argument("--classes", type=int, default=20, help="classes per head (the chance line)")
+    p.add_argument("--classes", type=int32, default=20, help="classes per head (the chance line)")
     args = parser.parse_args(argv)
     try:
         plot_heads(args.csv, args.output, args.title, args.classes)

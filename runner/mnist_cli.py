@@ -8,6 +8,7 @@ import time
 
 from converter.errors import CaffeError
 from data_prep.mnist import labelled_subset, load_mnist, write_digit_lmdb, write_pair_lmdbs
+from runner.flags import int32
 
 
 def _source_flags(p: argparse.ArgumentParser) -> None:
@@ -24,9 +25,9 @@ def _source_flags(p: argparse.ArgumentParser) -> None:
 def add_mnist_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("mnist-pairs", help="the thesis's moved-digit pairs: image LMDB + motion label LMDB")
     _source_flags(p)
-    p.add_argument("--count", type=int, default=5_000_000, help="number of pairs (thesis: 5,000,000)")
+    p.add_argument("--count", type=int32, default=5_000_000, help="number of pairs (thesis: 5,000,000)")
     p.add_argument("--split", choices=["train", "test"], default="train", help="which MNIST digits to move")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int32, default=0)
     p.add_argument("--manifest", default=None, help="write a TSV manifest of every pair (auditable)")
     p.add_argument("images_db", metavar="PAIRS_DB")
     p.add_argument("labels_db", metavar="LABELS_DB")
@@ -34,8 +35,9 @@ def add_mnist_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("mnist-labeled", help="digits with their class: a seeded training subset or the test set")
     _source_flags(p)
-    p.add_argument("--count", type=int, default=0, help="training digits to draw (0: the whole 10,000-digit test set)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--count", type=int32, default=0,
+                   help="training digits to draw (0: the whole 10,000-digit test set)")
+    p.add_argument("--seed", type=int32, default=0)
     p.add_argument("db", metavar="DB")
     p.set_defaults(handler=run_labeled)
 

@@ -232,6 +232,9 @@ class Solver:
     @torch.no_grad()
     def restore(self, st: caffe_pb2.SolverState, where: str = "solverstate") -> None:
         """``RestoreSolverStateFromBinaryProto`` (weights are the caller's: ``learned_net``)."""
+        if st.iter < 0 or st.current_step < 0:
+            raise CaffeError(f"{where}: iter {st.iter} and current_step {st.current_step} must not be negative "
+                             f"(a damaged or hand-edited solver state)")
         if len(st.history) != len(self.history):
             raise CaffeError(f"{where}: holds {len(st.history)} history blobs, the {self.sp.type} solver of "
                              f"this net needs {len(self.history)} (incorrect length of history blobs)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import math
 import os
 import signal
@@ -57,6 +58,15 @@ def run(sp: caffe_pb2.SolverParameter, path: str, opts: TrainOptions) -> Trainer
     finally:
         trainer.close()
     return trainer
+
+
+def remove_stale_partials(prefix: str) -> None:
+    """Temporaries of snapshots a killed run never renamed (``.<name>_iter_N.*.partial``, see
+    ``atomic_write_bytes``): incomplete by construction, and in nobody's way once removed."""
+    folder, name = Path(prefix).parent, Path(prefix).name
+    for stale in folder.glob(f".{glob.escape(name)}_iter_*.partial"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
 
 
 class Trainer:
@@ -194,6 +204,7 @@ class Trainer:
                 raise CaffeError(f"{w}: no such file")
         if root:
             check_writable_folder(sp.snapshot_prefix)
+            remove_stale_partials(sp.snapshot_prefix)
         self.prefix = sp.snapshot_prefix
         folder = Path(self.prefix).parent
         self.log = Log(opts.log or str(folder / "train.log"), append=bool(opts.snapshot), enabled=root and

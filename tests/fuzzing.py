@@ -1,4 +1,4 @@
-"""Fuzz targets for the four readers of untrusted files, shared by ``tests/test_fuzz.py`` (a few hundred
+"""Fuzz targets for the five readers of untrusted files, shared by ``tests/test_fuzz.py`` (a few hundred
 cases each, in the suite) and ``benchmarks/fuzz.py`` (at least 10,000 each).
 
 Each :class:`Target` pairs a hypothesis strategy of inputs with a function feeding one input to a reader
@@ -448,6 +448,66 @@ def run_idx(data: bytes | Mutant) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
+# LMDB files (data.mdb)
+# ------------------------------------------------------------------------------------------------
+@cache
+def lmdb_corpus() -> tuple[bytes, ...]:
+    """``data.mdb`` files as the project writes them: a few raw Datums in one leaf page, 300 label records
+    (branch pages above the leaves), and image Datums larger than half a page (overflow pages)."""
+    from data_prep.datum import array_to_datum, label_datum
+    from data_prep.lmdb_io import LMDBWriter, caffe_key
+
+    rng = np.random.default_rng(2)
+    sets = [[array_to_datum(rng.integers(0, 256, (1, 6, 5), dtype=np.uint8), i) for i in range(5)],
+            [label_datum([i % 250, 1, 2], i % 7) for i in range(300)],
+            [array_to_datum(rng.integers(0, 256, (3, 24, 24), dtype=np.uint8), i) for i in range(6)]]
+    out = []
+    with tempfile.TemporaryDirectory() as folder:
+        for n, records in enumerate(sets):
+            with LMDBWriter(Path(folder) / str(n), commit_every=50) as writer:
+                for i, datum in enumerate(records):
+                    writer.put(caffe_key(i), datum.SerializeToString())
+            out.append((Path(folder) / str(n) / "data.mdb").read_bytes())
+    return tuple(out)
+
+
+def _lmdb_strategy() -> st.SearchStrategy:
+    return st.one_of(mutated(lmdb_corpus(), max_ops=3),
+                     st.builds(lambda data, cut: data[:cut], st.sampled_from(lmdb_corpus()), st.integers(0, 20000)))
+
+
+_LMDB_CASES = [0]
+
+
+def run_lmdb(data: bytes | Mutant) -> str:
+    """The mutated ``data.mdb`` in a folder of its own (a new path, so no earlier verdict applies), read
+    as ``egomotion data inspect`` reads a database: its length, every key and value, each value decoded."""
+    import shutil
+
+    from data_prep import lmdb_check
+    from data_prep.datum import datum_shape, parse_datum
+    from data_prep.lmdb_io import LMDBReader
+
+    _LMDB_CASES[0] += 1
+    path = scratch(f"lmdb-{_LMDB_CASES[0]}", b"")
+    path.unlink()
+    path.mkdir()
+    lmdb_check.CACHE_ROOT = path.parent / "lmdb-verified"
+    (path / "data.mdb").write_bytes(bytes(data))
+
+    def read() -> None:
+        with LMDBReader(path) as reader:
+            len(reader)
+            for key, value in reader.items():
+                datum_shape(parse_datum(value, key), key=key)
+
+    try:
+        return caffe_errors_only(read)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------
 TARGETS: dict[str, Callable[[], Target]] = {
     "prototxt": lambda: Target("prototxt", _prototxt_strategy(), run_prototxt,
                                "read_net / read_solver + check_solver: random text, token soup, mutated conformance files"),
@@ -457,6 +517,8 @@ TARGETS: dict[str, Callable[[], Target]] = {
                             "parse_datum + datum_to_array (native/colour/gray): raw, float, PNG, JPEG records"),
     "idx": lambda: Target("idx", _idx_strategy(), run_idx,
                           "read_idx: mutated headers and bodies, raw and gzip"),
+    "lmdb": lambda: Target("lmdb", _lmdb_strategy(), run_lmdb,
+                           "LMDBReader of a data.mdb: truncations, bit flips and other edits of real files"),
 }
 
 
@@ -466,7 +528,9 @@ def warm_up() -> None:
     golden_nets()
     datum_corpus()
     idx_corpus()
+    lmdb_corpus()
     run_prototxt(("net", b"name: 'x'"))
     run_caffemodel(("", b""))
     run_datum(b"")
     run_idx(b"")
+    run_lmdb(b"")

@@ -290,6 +290,7 @@ def test_train_sigkill_inside_a_snapshot_then_resume_is_bit_identical(tmp_path, 
     if fault.startswith("replace:"):
         assert list(case.glob(".lenet_iter_20.*.partial")), "the killed write leaves its marked temporary"
     finish_and_compare(case, uninterrupted)
+    assert not list(case.glob(".*.partial")), "resuming removes the killed run's temporaries"
 
 
 def test_train_disk_full_is_one_line_and_keeps_earlier_snapshots(tmp_path):

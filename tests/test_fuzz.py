@@ -145,3 +145,8 @@ def test_png_chunk_declaring_4_gb_is_refused_before_decoding():
     with pytest.raises(CaffeError, match="chunk longer than the data"):
         decode_image(bytes(data))
     assert decode_image(buf.tobytes()).shape == (3, 9, 13)
+
+
+def test_fuzz_lmdb_reader():
+    """Truncated and bit-flipped data.mdb files: refused with one line, never a SIGBUS or SIGSEGV."""
+    _fuzz("lmdb", max(100, EXAMPLES // 3))
