@@ -57,8 +57,10 @@ def check_under_root(root: str, path: str, where: str) -> None:
     """Refuse a list path that leaves ``root`` once glued to it (Caffe reads ``root + path``, plain text).
 
     The root folder is ``root`` itself when it ends in '/', else its parent (``root`` is then a file-name
-    prefix). The test is lexical (``..`` resolved, symlinks not followed), so a root made of symlinks to
-    the real images still works. No root (``""``) means paths are taken as they are, as in Caffe.
+    prefix). The path must stay under it both as written (``..`` resolved lexically) and as the file system
+    resolves it (symbolic links followed, against the root's own real path, so a root that is itself a
+    link works, but a link inside it to a file elsewhere does not). No root (``""``) means paths are taken
+    as they are, as in Caffe.
     """
     if not root:
         return
@@ -69,9 +71,17 @@ def check_under_root(root: str, path: str, where: str) -> None:
     base = os.path.normpath(root if root.endswith(("/", os.sep)) else os.path.dirname(root) or ".")
     full = os.path.normpath(root + path)
     rel = os.path.relpath(full, base) if os.path.isabs(full) == os.path.isabs(base) else ".."
-    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+    if _leaves(rel):
         raise CaffeError(f"{where}: '{path}' leaves the root folder '{root}' (it resolves to '{full}'); "
                          "listed paths must stay under the root")
+    real_base, real = os.path.realpath(base), os.path.realpath(root + path)
+    if _leaves(os.path.relpath(real, real_base)):
+        raise CaffeError(f"{where}: '{path}' leaves the root folder '{root}' through a symbolic link (it is "
+                         f"'{real}'); listed paths must stay under the root")
+
+
+def _leaves(rel: str) -> bool:
+    return rel == os.pardir or rel.startswith(os.pardir + os.sep)
 
 
 def read_list(listfile: str | os.PathLike, root: str | None = None) -> list[ListEntry | None]:
@@ -81,9 +91,18 @@ def read_list(listfile: str | os.PathLike, root: str | None = None) -> list[List
     With ``root`` every path must stay under it (:func:`check_under_root`).
     """
     try:
-        text = Path(listfile).read_text()
+        data = Path(listfile).read_bytes()
     except OSError as e:
         raise CaffeError(f"cannot read list file '{listfile}' ({e.strerror})") from None
+    if b"\x00" in data:
+        line = data[:data.index(b"\x00")].count(b"\n") + 1
+        raise CaffeError(f"{listfile}:{line}: holds a NUL byte (a binary file, not a list of '<path> <label>' lines)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise CaffeError(f"{listfile}:{line}: not UTF-8 text (byte {e.start}: {data[e.start]:#04x}); save the list "
+                         "as UTF-8") from None
     lines = text.split("\n")
     if text.endswith("\n"):
         lines.pop()  # getline() yields no empty line after the final newline
@@ -226,8 +245,7 @@ def convert_imageset(root: str, listfile: str | os.PathLike, db: str | os.PathLi
                         log.info("Processed %d files.", counts["written"])
             counts["skipped"] = sum(1 for i, e in enumerate(entries) if e is not None) - counts["written"]
     except LMDBWriteError as e:  # the machine, not the list: keep what is committed for --append
-        raise CaffeError(f"{e}; the {e.committed} records committed are kept: free space, then rerun "
-                         "with --append to finish") from None
+        raise CaffeError(str(e)) from None
     except CaffeError:
         if mode != "append":  # a new DB that stopped on bad input is not a DB of the list: remove it
             discard_lmdb(Path(db), remove_folder=not existed)

@@ -82,11 +82,13 @@ frame order, their keys already shuffled).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -648,6 +650,25 @@ def format_histograms(hist: dict[str, list[int]]) -> str:
 # ---------------------------------------------------------------------------------------------------
 # The whole job
 # ---------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _output_folder(out: Path) -> Iterator[None]:
+    """``--out`` made if needed (a file there, or a place it cannot be made, is one line); a folder this run
+    made is removed again when an error leaves it empty."""
+    if out.exists() and not out.is_dir():
+        raise CaffeError(f"--out {out}: exists and is not a folder")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CaffeError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
+    try:
+        yield
+    except BaseException:
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
 def make_pairs(kitti_dir: str | Path, out: str | Path, opts: PairOptions, train: str = THESIS_SPLIT[0],
                val: str = THESIS_SPLIT[1], overwrite: bool = False, mean: bool = False, cache_mb: int = 2048,
                echo=print) -> dict:
@@ -676,36 +697,43 @@ def make_pairs(kitti_dir: str | Path, out: str | Path, opts: PairOptions, train:
     mode = "color" if colour else "gray"
     root_seq = np.random.SeedSequence(opts.seed)
     rngs = dict(zip(("train", "val"), (np.random.default_rng(s) for s in root_seq.spawn(2)), strict=True))
-    out.mkdir(parents=True, exist_ok=True)
-    report: dict = {"kitti_dir": str(root), "options": {**asdict(opts), "train": train, "val": val},
-                    "channels": 6 if colour else 2, "classes_per_axis": n_classes,
-                    "zscore": asdict(zscore) if zscore else None, "splits": {}}
-    for split, seqs in splits.items():
-        if not seqs:
-            continue
-        pairs = plan_pairs(seqs, opts, rngs[split], split, zscore, window)
-        if len(pairs) == 0:
-            raise CaffeError(f"{split}: no pairs left (every pair was out of the thesis's range and dropped)")
-        image_db = out / f"pairs_{split}_lmdb"
-        label_db = out / f"pairs_{split}_labels_lmdb" if with_labels else None
-        write_manifest(out / f"pairs_{split}.tsv", pairs)
-        timing = write_lmdbs(pairs, {s.name: s for s in seqs}, image_db, label_db, mode, overwrite, cache_mb)
-        hist = histograms(pairs, n_classes) if with_labels else {}
-        entry = {"pairs": len(pairs), "sequences": [f"{s.name}:{s.first}-{s.last}" for s in seqs],
-                 "close": int(pairs.sfa.sum()), "far": int(len(pairs) - pairs.sfa.sum()),
-                 "overflow": pairs.overflow, "dropped": pairs.dropped, "histogram": hist, **timing,
-                 "image_lmdb": str(image_db), "label_lmdb": str(label_db) if label_db else None}
-        if mean and split == "train":
-            from data_prep.imageset import compute_image_mean
+    with _output_folder(out):
+        report: dict = {"kitti_dir": str(root), "options": {**asdict(opts), "train": train, "val": val},
+                        "channels": 6 if colour else 2, "classes_per_axis": n_classes,
+                        "zscore": asdict(zscore) if zscore else None, "splits": {}}
+        for split, seqs in splits.items():
+            if not seqs:
+                continue
+            pairs = plan_pairs(seqs, opts, rngs[split], split, zscore, window)
+            if len(pairs) == 0:
+                raise CaffeError(f"{split}: no pairs left (every pair was out of the thesis's range and dropped)")
+            image_db = out / f"pairs_{split}_lmdb"
+            label_db = out / f"pairs_{split}_labels_lmdb" if with_labels else None
+            manifest = out / f"pairs_{split}.tsv"
+            had_manifest = manifest.exists()
+            write_manifest(manifest, pairs)
+            try:
+                timing = write_lmdbs(pairs, {s.name: s for s in seqs}, image_db, label_db, mode, overwrite, cache_mb)
+            except CaffeError:  # write_lmdbs removed its new LMDBs; the manifest of pairs never written goes too
+                if not had_manifest:
+                    manifest.unlink(missing_ok=True)
+                raise
+            hist = histograms(pairs, n_classes) if with_labels else {}
+            entry = {"pairs": len(pairs), "sequences": [f"{s.name}:{s.first}-{s.last}" for s in seqs],
+                     "close": int(pairs.sfa.sum()), "far": int(len(pairs) - pairs.sfa.sum()),
+                     "overflow": pairs.overflow, "dropped": pairs.dropped, "histogram": hist, **timing,
+                     "image_lmdb": str(image_db), "label_lmdb": str(label_db) if label_db else None}
+            if mean and split == "train":
+                from data_prep.imageset import compute_image_mean
 
-            entry["mean_file"] = str(out / "mean_train.binaryproto")
-            compute_image_mean(image_db, entry["mean_file"])
-        report["splits"][split] = entry
-        echo(_summary(split, entry, opts))
-        if hist:
-            echo(format_histograms(hist))
-    (out / "summary.json").write_text(json.dumps(report, indent=1) + "\n")
-    return report
+                entry["mean_file"] = str(out / "mean_train.binaryproto")
+                compute_image_mean(image_db, entry["mean_file"])
+            report["splits"][split] = entry
+            echo(_summary(split, entry, opts))
+            if hist:
+                echo(format_histograms(hist))
+        (out / "summary.json").write_text(json.dumps(report, indent=1) + "\n")
+        return report
 
 
 def _summary(split: str, e: dict, opts: PairOptions) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -193,6 +194,20 @@ def release_reader(reader: LMDBReader) -> None:
         reader.close()
 
 
+def check_room(folder: str | os.PathLike, count: int, record_bytes: int, what: str) -> None:
+    """Refuse up front a database that cannot fit: ``count`` records of ``record_bytes`` (with their
+    8-byte keys and LMDB's 10-byte node headers, a lower bound: pages are rarely full) against the free
+    space of the disk ``folder`` is on."""
+    place = Path(folder).resolve()
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    free = shutil.disk_usage(place).free
+    need = count * (record_bytes + 8 + 10)
+    if need > free:
+        raise CaffeError(f"{what}: {count:,} records of {record_bytes:,} bytes need at least {need / 1e9:,.1f} GB, "
+                         f"but the disk of {place} has {free / 1e9:,.1f} GB free")
+
+
 class LMDBWriter:
     """Batched, crash-safe writer of a Caffe LMDB.
 
@@ -213,6 +228,8 @@ class LMDBWriter:
         self.path = Path(path)
         self.commit_every = commit_every
         self.skip_existing = skip_existing and mode == "append"
+        self._created = not (self.path / "data.mdb").exists() or mode == "overwrite"
+        self._remove = False  # set when a fresh database could not commit anything: close() removes it
         self._prepare(mode)
         try:
             self.env = lmdb.open(str(self.path), map_size=map_size, subdir=True, sync=True, metasync=True,
@@ -291,8 +308,15 @@ class LMDBWriter:
                 log.info("Doubling LMDB map size to %d MB", new_size >> 20)
                 self.env.set_mapsize(new_size)
             except lmdb.Error as e:  # a failed commit leaves the DB as of the last commit (LMDB's own guarantee)
+                entries = self.env.stat()["entries"]
+                self._pending.clear()
+                self._pending_keys.clear()
+                kept = f"the {entries:,} records committed are kept: free space, then rerun with --append to finish"
+                if entries == 0 and self._created:
+                    self._remove = True
+                    kept = "nothing was committed, so the new database was removed"
                 raise LMDBWriteError(f"writing LMDB '{self.path}' failed ({e}): disk full or file size limit "
-                                     "reached?", self.env.stat()["entries"]) from None
+                                     f"reached? {kept}", entries) from None
         self.written += len(self._pending)
         self._pending.clear()
         self._pending_keys.clear()
@@ -305,3 +329,5 @@ class LMDBWriter:
         finally:
             self.env.close()
             self.env = None
+            if self._remove:
+                shutil.rmtree(self.path, ignore_errors=True)

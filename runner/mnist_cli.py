@@ -56,6 +56,15 @@ def _load(args: argparse.Namespace):
 
 
 def run_pairs(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from converter import caffe_pb2
+    from data_prep.lmdb_io import check_room
+
+    if args.count > 0:  # before MNIST is read or a database created: a count the disk cannot hold
+        pixels = 2 * 28 * 28
+        record = caffe_pb2.Datum(channels=2, height=28, width=28, data=bytes(pixels), label=1).ByteSize()
+        check_room(Path(args.images_db).parent, args.count, record, f"--count {args.count:,}")
     mnist = _load(args)
     images = mnist.train_images if args.split == "train" else mnist.test_images
     start = time.perf_counter()

@@ -66,9 +66,10 @@ def pick_device(gpu: str | None, log: Log) -> torch.device:
     ids = distributed.parse_gpus(gpu)
     if not ids:
         return torch.device("cpu")
-    if not torch.cuda.is_available():
-        log.line("caffe.cpp:197", f"--gpu {gpu} given but CUDA is not available: using the CPU", "W")
-        return torch.device("cpu")
+    if not torch.cuda.is_available():  # as a CPU-only Caffe refuses --gpu: never a silent CPU run
+        raise CaffeError(f"--gpu {gpu}: CUDA is not available here (torch {torch.__version__}, "
+                         f"{'built without CUDA' if torch.version.cuda is None else 'no CUDA device visible'}); "
+                         "leave out --gpu to run on the CPU")
     local = distributed.local_rank()
     index = ids[local % len(ids)]
     if index >= torch.cuda.device_count():

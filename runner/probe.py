@@ -124,10 +124,14 @@ def providers(device: str = "auto") -> list[str]:
     import onnxruntime as ort
 
     available = ort.get_available_providers()
-    if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
+    # onnxruntime-gpu lists its CUDA provider even where no GPU or driver exists, and then prints its own
+    # errors while falling back: ask torch (already loaded) whether CUDA is usable before requesting it.
+    usable = "CUDAExecutionProvider" in available and torch.cuda.is_available()
+    if device in ("auto", "cuda") and usable:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device == "cuda":
-        raise CaffeError("--device cuda: this onnxruntime has no CUDA provider")
+        raise CaffeError("--device cuda: " + ("no CUDA device is usable here" if "CUDAExecutionProvider" in available
+                                              else "this onnxruntime has no CUDA provider"))
     return ["CPUExecutionProvider"]
 
 
@@ -145,12 +149,20 @@ def open_session(path: str | Path, device: str = "auto", threads: int = 0):
 
 def model_transform(path: str | Path) -> caffe_pb2.TransformationParameter | None:
     """The TEST data layer's transform_param recorded by ``egomotion export`` (None if absent)."""
-    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    try:
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception as e:  # onnx's own decode errors
+        raise CaffeError(f"{path}: not a readable ONNX model ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                         ) from None
     text = meta.get("caffe.transform_param")
     if text is None:
         return None
     tp = caffe_pb2.TransformationParameter()
-    text_format.Parse(text, tp)
+    try:
+        text_format.Parse(text, tp)
+    except text_format.ParseError as e:
+        raise CaffeError(f"{path}: its metadata caffe.transform_param is not a TransformationParameter ({e}); "
+                         "export the model again with egomotion export") from None
     return tp
 
 
@@ -472,11 +484,21 @@ def probe(args: argparse.Namespace) -> int:
 
     exp = experiment_from_args(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise CaffeError(f"-o {out}: exists and is not a folder")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CaffeError(f"-o {out}: cannot create the folder ({e.strerror or e})") from None
     exp.feature_dir = out / "features"
     started = time.perf_counter()
     try:
         results = run(exp)
+    except BaseException:
+        if created:  # an error leaves no half-made results folder behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         if not args.keep_features:
             shutil.rmtree(exp.feature_dir, ignore_errors=True)
