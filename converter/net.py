@@ -35,8 +35,9 @@ FLOAT_BYTES = 4  # every blob is float32, as Caffe's Dtype = float
 
 @functools.lru_cache(maxsize=1)
 def available_memory() -> int | None:
-    """Bytes of memory this process may use: the machine's physical memory, or its cgroup's limit when lower
-    (None when neither can be read). A net that needs more cannot run here, so it is refused at build time."""
+    """Bytes of memory this process may use: the machine's physical memory, or its cgroup's limit or what its
+    address-space limits leave when lower (None when none can be read). A net that needs more cannot run
+    here, so it is refused at build time."""
     try:
         total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):
@@ -48,11 +49,41 @@ def available_memory() -> int | None:
             continue
         if limit > 0 and (total is None or limit < total):
             total = limit
+    for limit in _rlimit_room():
+        if total is None or limit < total:
+            total = limit
     return total
 
 
-def _fmt_bytes(n: int) -> str:
+def _rlimit_room() -> list[int]:
+    """What ``ulimit -v`` (RLIMIT_AS) and ``ulimit -d`` (RLIMIT_DATA) still allow this process to map: the
+    limit less what it maps already (VmSize, VmData), read at the first call, before any net is built."""
+    import resource
+
+    try:
+        status = {line.split(":")[0]: int(line.split()[1]) * 1024
+                  for line in open("/proc/self/status") if line.startswith(("VmSize:", "VmData:"))}
+    except (OSError, ValueError, IndexError):
+        return []
+    room = []
+    for which, used in ((resource.RLIMIT_AS, "VmSize"), (resource.RLIMIT_DATA, "VmData")):
+        soft = resource.getrlimit(which)[0]
+        if soft != resource.RLIM_INFINITY and used in status:
+            room.append(max(0, soft - status[used]))
+    return room
+
+
+def format_bytes(n: int) -> str:
     return f"{n:,} bytes ({n / 2**30:,.1f} GiB)"
+
+
+def check_fits(layer: str, kind: str, what: str, shape: Shape, limit: int | None = None) -> None:
+    """One float32 blob of ``shape`` must fit in the memory this process may use (``available_memory``)."""
+    limit = available_memory() if limit is None else limit
+    size = FLOAT_BYTES * math.prod(shape)
+    if limit is not None and size > limit:
+        raise layer_error(layer, kind, f"{what} of shape {format_shape(shape)} needs {format_bytes(size)}, more "
+                          f"than this machine's memory ({format_bytes(limit)})")
 
 
 @dataclass
@@ -103,6 +134,8 @@ class CaffeNet(nn.Module):
         self.blob_shapes: dict[str, Shape] = {}
         self.missing_shapes: list[MissingShapes] = []
         self._bytes_needed = 0  # parameters + tops so far (see _check_memory)
+        self.param_bytes = 0  # float32 bytes of the distinct learnable blobs (what a solver multiplies)
+        self.top_bytes = 0  # float32 bytes of every top: one forward pass's activations
         self._build(net, shapes or {}, generator, allow_missing_shapes)
 
     # ------------------------------------------------------------------------------------------
@@ -176,8 +209,6 @@ class CaffeNet(nn.Module):
         an allocator error halfway through the fillers.
         """
         limit = available_memory()
-        if limit is None:
-            return
         blobs = []
         for i, spec in enumerate(layer.blob_specs()):
             name = lp.param[i].name if i < len(lp.param) else ""
@@ -186,14 +217,18 @@ class CaffeNet(nn.Module):
         blobs += [(f"top '{t}'", tuple(s)) for t, s in zip(lp.top, layer.top_shapes, strict=True)]
         for what, shape in blobs:
             size = FLOAT_BYTES * math.prod(shape)
-            if size > limit:
-                raise layer_error(lp.name, lp.type, f"{what} of shape {format_shape(shape)} needs "
-                                  f"{_fmt_bytes(size)}, more than this machine's memory ({_fmt_bytes(limit)})")
+            if what.startswith("top"):
+                self.top_bytes += size
+            else:
+                self.param_bytes += size
+            if limit is None:
+                continue
+            check_fits(lp.name, lp.type, what, shape, limit)
             self._bytes_needed += size
-        if self._bytes_needed > limit:
-            raise layer_error(lp.name, lp.type, f"the net needs at least {_fmt_bytes(self._bytes_needed)} for its "
+        if limit is not None and self._bytes_needed > limit:
+            raise layer_error(lp.name, lp.type, f"the net needs at least {format_bytes(self._bytes_needed)} for its "
                               f"parameters and blobs up to this layer, more than this machine's memory "
-                              f"({_fmt_bytes(limit)})")
+                              f"({format_bytes(limit)})")
 
     def _append_params(self, lp, layer: Layer, param_index: dict[str, int], generator) -> list[BlobUse]:
         specs = layer.blob_specs()

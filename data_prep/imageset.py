@@ -41,7 +41,7 @@ import numpy as np
 from converter.errors import CaffeError, format_shape, prefixed
 from converter.io import write_blobproto
 from data_prep.datum import check_image_size, datum_to_array, encoded_datum, image_to_datum, parse_datum
-from data_prep.lmdb_io import LMDBReader, LMDBWriteError, LMDBWriter, caffe_key
+from data_prep.lmdb_io import INCOMPLETE_MARK, LMDBReader, LMDBWriteError, LMDBWriter, caffe_key
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ def convert_imageset(root: str, listfile: str | os.PathLike, db: str | os.PathLi
 
 def discard_lmdb(path: Path, remove_folder: bool) -> None:
     """Delete the LMDB files this run wrote (and the folder when the run created it)."""
-    for name in ("data.mdb", "lock.mdb"):
+    for name in ("data.mdb", "lock.mdb", INCOMPLETE_MARK):
         (path / name).unlink(missing_ok=True)
     if remove_folder:
         try:

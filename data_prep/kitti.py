@@ -615,6 +615,9 @@ def write_lmdbs(pairs: Pairs, sequences: dict[str, Sequence], image_db: Path, la
                 images.put(key, pair_datum(img1, img2, pairs.window[i], int(pairs.sfa[i])))
                 if labels is not None:
                     labels.put(key, label_datum(pairs.classes[i]))
+        if labels is not None:
+            labels.close()  # every pair written: finished, its incomplete-marker goes
+            labels = None
     except CaffeError:
         if labels is not None:
             labels.close()
@@ -623,8 +626,8 @@ def write_lmdbs(pairs: Pairs, sequences: dict[str, Sequence], image_db: Path, la
             discard_lmdb(db, remove_folder=not existed[db])
         raise
     finally:
-        if labels is not None:
-            labels.close()
+        if labels is not None:  # stopped part way (interrupted): committed records kept, marked incomplete
+            labels.close(finished=False)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "pairs_per_s": len(pairs) / seconds if seconds > 0 else 0.0,
             "frames_decoded": cache.decoded}

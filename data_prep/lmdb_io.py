@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,7 +32,20 @@ from data_prep import lmdb_check
 log = logging.getLogger(__name__)
 
 RESTART_MESSAGE = "Restarting data prefetching from start."
-_LMDB_FILES = {"data.mdb", "lock.mdb"}
+INCOMPLETE_MARK = "egomotion-writing"
+"""A file a writer keeps in the LMDB folder while it writes and removes when it has written everything: a
+database that still has it was stopped part way (killed, or the disk filled). LMDB and Caffe never look
+at other files in the folder, so a marked database stays readable everywhere."""
+_LMDB_FILES = {"data.mdb", "lock.mdb", INCOMPLETE_MARK}
+
+
+def incomplete(path: str | os.PathLike) -> str | None:
+    """What the marker of an interrupted writer says (its command and start), or None for a finished DB."""
+    mark = Path(path) / INCOMPLETE_MARK
+    try:
+        return mark.read_text(errors="replace").strip() or "a writer"
+    except OSError:
+        return None
 
 
 def caffe_key(index: int, name: str | None = None) -> bytes:
@@ -236,6 +251,13 @@ class LMDBWriter:
                                  map_async=False, max_dbs=0)
         except lmdb.Error as e:
             raise CaffeError(f"cannot create LMDB '{path}' ({e})") from None
+        mark = self.path / INCOMPLETE_MARK
+        try:
+            mark.write_text(f"{' '.join(sys.argv[:1] + sys.argv[1:])[:500]} (pid {os.getpid()}, "
+                            f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+        except OSError as e:
+            self.env.close()
+            raise CaffeError(f"cannot write into '{self.path}' ({e.strerror})") from None
         self._pending: list[tuple[bytes, bytes]] = []
         self._pending_keys: set[bytes] = set()
         self.written = 0  # records committed by this writer
@@ -267,8 +289,8 @@ class LMDBWriter:
     def __enter__(self) -> LMDBWriter:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(finished=exc_type is None)
 
     def __contains__(self, key: bytes) -> bool:
         if key in self._pending_keys:
@@ -321,11 +343,15 @@ class LMDBWriter:
         self._pending.clear()
         self._pending_keys.clear()
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        """Commit what is buffered; ``finished`` (a ``with`` block that ended without an exception) also
+        removes the incomplete-marker: the database now holds everything it was meant to."""
         if self.env is None:
             return
         try:
             self.commit()
+            if finished:
+                (self.path / INCOMPLETE_MARK).unlink(missing_ok=True)
         finally:
             self.env.close()
             self.env = None

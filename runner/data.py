@@ -46,7 +46,7 @@ from converter.fillers import fill
 from converter.layers import layer_class
 from data_prep.datum import datum_shape, datum_to_array, decode_mode, image_to_chw, parse_datum
 from data_prep.imageset import read_image, read_list
-from data_prep.lmdb_io import RESTART_MESSAGE, LMDBReader, acquire_reader, release_reader
+from data_prep.lmdb_io import RESTART_MESSAGE, LMDBReader, acquire_reader, incomplete, release_reader
 from data_prep.transform import Transformer
 
 log = logging.getLogger(__name__)
@@ -191,6 +191,10 @@ class _LMDBSource(_StridedSource):
             log.warning("%s: force_color and force_gray only for encoded datum (ignored, as in Caffe)", what)
         if dp.rand_skip:
             log.warning("%s: data_param.rand_skip is ignored (Caffe 1.0's Data layer does not use it)", what)
+        writer = incomplete(dp.source)
+        if writer:
+            log.warning("%s: LMDB '%s' is INCOMPLETE: its writer (%s) stopped before it finished; it holds "
+                        "only the %d records it committed", what, dp.source, writer, len(self.keys))
         self._reader: tuple[int, LMDBReader] | None = None
 
     def __getstate__(self):

@@ -16,7 +16,7 @@ from collections import Counter
 from converter.errors import CaffeError, format_shape, prefixed
 from data_prep.datum import datum_to_array, encoding_of, parse_datum
 from data_prep.imageset import compute_image_mean, convert_imageset
-from data_prep.lmdb_io import LMDBReader, looks_like_leveldb
+from data_prep.lmdb_io import LMDBReader, incomplete, looks_like_leveldb
 from runner.flags import int32
 
 _BOOL_FLAGS = {
@@ -94,6 +94,10 @@ def _inspect(args: argparse.Namespace) -> None:
     with LMDBReader(args.db) as reader, prefixed(f"LMDB '{args.db}'"):
         total = len(reader)
         print(f"{args.db}: {total} records")
+        writer = incomplete(args.db)
+        if writer:
+            print(f"INCOMPLETE: the writer ({writer}) stopped before it finished; these {total} records are "
+                  "what it committed (rerun it with --append to finish)")
         formats: Counter = Counter()
         shapes: Counter = Counter()
         labels: Counter = Counter()

@@ -16,7 +16,7 @@ from converter.errors import CaffeError
 from converter.io import filter_net, net_state, read_net
 from converter.layers import layer_class
 from converter.layers.base import Shape
-from converter.net import CaffeNet
+from converter.net import CaffeNet, check_fits
 from converter.weights import copy_trained_layers
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,9 @@ def deploy_net(net: caffe_pb2.NetParameter, outputs: list[str] | None = None,
     dropped = [lp for lp in net.layer if is_dropped(lp)]
     data = [lp for lp in kept if layer_class(lp).is_data]
     data_tops = [t for lp in data for t in lp.top]
+    for lp in data:  # an input no machine can hold is named before anything else is said about the net
+        for top, shape in _declared_shapes(lp, layer_class(lp)).items():
+            check_fits(lp.name, lp.type, f"top '{top}'", shapes.get(top) or any_shape or shape)
 
     produced: list[str] = []
     consumed: set[str] = set()

@@ -150,7 +150,7 @@ def _check_declared_shapes(proto, phase: int, inputs: dict[str, torch.Tensor], f
     for lp, cls in zip(proto.layer, classes, strict=True):
         if not issubclass(cls, DataLayer) or not any(t in files for t in lp.top):
             continue
-        declared = cls.declared_shapes(cls.__new__(cls), lp)
+        declared = cls.declared_shapes(lp)
         for top, shape in zip(lp.top, declared, strict=False):
             if top in files and tuple(shape) != tuple(inputs[top].shape):
                 raise CaffeError(f"{files[top]}: array of shape {format_shape(tuple(inputs[top].shape))}, but "

@@ -79,3 +79,33 @@ def pick_device(gpu: str | None, log: Log) -> torch.device:
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     return torch.device("cuda", index)
+
+
+def check_training_memory(net: CaffeNet, test_nets: list[CaffeNet], sp: caffe_pb2.SolverParameter) -> None:
+    """Refuse, before the solver allocates its history, a training that cannot fit in this machine's memory.
+
+    Counted (float32): every learnable blob as weight, gradient and the solver's histories (two for Adam and
+    AdaDelta, one otherwise; L1 regularisation adds a sign temporary), the train net's activations and their
+    gradients, the test nets' activations, and at a snapshot the serialized weights and histories beside the
+    live ones, whichever of the pass and the snapshot is larger. A lower bound: the allocator's slack and
+    autograd's saved tensors come on top."""
+    from converter.net import available_memory, format_bytes
+    from runner.solver import TWO_HISTORIES
+
+    limit = available_memory()
+    if limit is None:
+        return
+    histories = 2 if sp.type in TWO_HISTORIES else 1
+    copies = 2 + histories + (1 if sp.regularization_type == "L1" else 0)
+    params = net.param_bytes
+    tests = sum(t.top_bytes for t in test_nets)
+    passes = 2 * net.top_bytes
+    snapshot = params * (1 + histories)
+    need = params * copies + tests + max(passes, snapshot)
+    if need > limit:
+        raise CaffeError(f"training needs at least {format_bytes(need)}, more than this machine's memory "
+                         f"({format_bytes(limit)}): {format_bytes(params)} of parameters x {copies} (weights, "
+                         f"gradients, "
+                         f"{histories} {sp.type} histor{'ies' if histories > 1 else 'y'}"
+                         f"{', the L1 sign' if copies > 2 + histories else ''}), activations and their gradients "
+                         f"{format_bytes(passes)}, test nets {format_bytes(tests)}; use a smaller net or batch")

@@ -38,7 +38,7 @@ from converter.net import CaffeNet
 from converter.weights import copy_trained_layers, load_weights, save_weights
 from runner import distributed
 from runner.logs import Csv, Log, LogBridge
-from runner.netsetup import input_shapes, output_order, pick_device, share_trained_layers
+from runner.netsetup import check_training_memory, input_shapes, output_order, pick_device, share_trained_layers
 from runner.solver import Solver, check_solver, fmt
 from runner.solver_nets import test_nets, train_net
 
@@ -231,6 +231,7 @@ class Trainer:
                 self.log.line("solver.cpp:190", f"Creating test net (#{k}) for '{proto.name}'")
                 net = CaffeNet(proto, input_shapes(proto, caffe_pb2.TEST), generator)
                 self.test_nets.append(net)
+            check_training_memory(self.net, self.test_nets, sp)
             for w in weights:  # caffe.cpp CopyLayers: the train net, then every test net
                 self.log.line("solver.cpp:72", f"Finetuning from {w}")
                 for net in [self.net, *self.test_nets]:

@@ -168,11 +168,14 @@ def test_lmdb_sigkill_at_random_points_then_append_equals_uninterrupted(tmp_path
     cli_kill_after(_convert_args(folder, db), db / "data.mdb", delay)
     committed = _committed_prefix(db, reference)
     print(f"killed {delay:.3f} s after data.mdb appeared: {committed} of {len(reference)} records committed")
+    if committed < len(reference):  # `data inspect` says the killed database is incomplete
+        assert "INCOMPLETE: the writer" in cli_run("data", "inspect", str(db)).stdout
     again = cli_run(*_convert_args(folder, db, "--append"))
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"({committed} already in the DB)" in again.stdout or committed == 0
     with LMDBReader(db) as r:
         assert list(r.items()) == reference
+    assert "INCOMPLETE" not in cli_run("data", "inspect", str(db)).stdout  # finished by --append
 
 
 def test_lmdb_disk_full_is_one_line_and_keeps_what_was_committed(tmp_path, imageset):

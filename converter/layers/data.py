@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from converter import caffe_pb2
 from converter.errors import CaffeError
-from converter.layers.base import Layer, Shape, register
+from converter.layers.base import Layer, Shape, layer_error, register
 
 
 class MissingShapes(CaffeError):
@@ -46,8 +46,10 @@ class DataLayer(Layer):
                 raise self.error(f"top '{top}' has a non-positive dimension in shape {tuple(shape)}")
         self.top_shapes = [tuple(int(d) for d in s) for s in shapes]
 
-    def declared_shapes(self, lp: caffe_pb2.LayerParameter) -> list[Shape]:
-        """Shapes written in the layer's own parameters (none for layers that read a source)."""
+    @classmethod
+    def declared_shapes(cls, lp: caffe_pb2.LayerParameter) -> list[Shape]:
+        """Shapes written in the layer's own parameters (none for layers that read a source); a class method,
+        so that callers can read them without building the layer."""
         return []
 
     def source(self, lp: caffe_pb2.LayerParameter) -> str:
@@ -61,13 +63,14 @@ class DataLayer(Layer):
 class Input(DataLayer):
     """``input_param { shape … }``: one shape for all tops or one per top."""
 
-    def declared_shapes(self, lp):
+    @classmethod
+    def declared_shapes(cls, lp):
         shapes = [tuple(s.dim) for s in lp.input_param.shape]
         if len(shapes) == 1:
             return shapes * len(lp.top)
         if shapes and len(shapes) != len(lp.top):
-            raise self.error(f"input_param has {len(shapes)} shapes for {len(lp.top)} tops "
-                             "(give one shape, or one per top)")
+            raise layer_error(lp.name, lp.type, f"input_param has {len(shapes)} shapes for {len(lp.top)} tops "
+                              "(give one shape, or one per top) (bottom shapes: )")
         return shapes
 
 
@@ -75,7 +78,8 @@ class Input(DataLayer):
 class DummyData(DataLayer):
     """``dummy_data_param``: 1 or N shapes (or the legacy num/channels/height/width lists)."""
 
-    def declared_shapes(self, lp):
+    @classmethod
+    def declared_shapes(cls, lp):
         p = lp.dummy_data_param
         shapes = [tuple(s.dim) for s in p.shape]
         if not shapes and len(p.num):
@@ -89,7 +93,8 @@ class DummyData(DataLayer):
 class MemoryData(DataLayer):
     """``memory_data_param``: data (batch, channels, height, width) and labels (batch,)."""
 
-    def declared_shapes(self, lp):
+    @classmethod
+    def declared_shapes(cls, lp):
         p = lp.memory_data_param
         return [(p.batch_size, p.channels, p.height, p.width), (p.batch_size,)]
 
