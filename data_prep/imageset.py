@@ -84,12 +84,9 @@ def _leaves(rel: str) -> bool:
     return rel == os.pardir or rel.startswith(os.pardir + os.sep)
 
 
-def read_list(listfile: str | os.PathLike, root: str | None = None) -> list[ListEntry | None]:
-    """``<path> <label>`` lines, split at the last space; blank lines are None (they keep their index).
-
-    Caffe parses the label with ``atoi`` (garbage → 0); here a line without an integer label is an error.
-    With ``root`` every path must stay under it (:func:`check_under_root`).
-    """
+def read_list_text(listfile: str | os.PathLike) -> str:
+    """A list file's text: refused with file:line when it is not UTF-8 or holds a NUL byte (a binary file, or
+    a path no file system can open)."""
     try:
         data = Path(listfile).read_bytes()
     except OSError as e:
@@ -103,6 +100,16 @@ def read_list(listfile: str | os.PathLike, root: str | None = None) -> list[List
         line = data[:e.start].count(b"\n") + 1
         raise CaffeError(f"{listfile}:{line}: not UTF-8 text (byte {e.start}: {data[e.start]:#04x}); save the list "
                          "as UTF-8") from None
+    return text
+
+
+def read_list(listfile: str | os.PathLike, root: str | None = None) -> list[ListEntry | None]:
+    """``<path> <label>`` lines, split at the last space; blank lines are None (they keep their index).
+
+    Caffe parses the label with ``atoi`` (garbage → 0); here a line without an integer label is an error.
+    With ``root`` every path must stay under it (:func:`check_under_root`).
+    """
+    text = read_list_text(listfile)
     lines = text.split("\n")
     if text.endswith("\n"):
         lines.pop()  # getline() yields no empty line after the final newline

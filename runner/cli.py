@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backward", action="store_true")
     p.add_argument("--top-diff", type=_named_file, action="append", default=[], help="blob=file.npy")
     p.add_argument("--dump", required=True, help="folder for <blob>.npy, diffs/, param_diffs/")
+    p.add_argument("--gpu", default=None, help="CUDA device id (absent: CPU)")
     _python_flag(p)
 
     p = sub.add_parser("export", help="a net and its weights as ONNX (TEST phase, no data/loss layers)")

@@ -97,7 +97,7 @@ class Pass:
                 grads.append(diff)
         if roots:
             torch.autograd.backward(roots, grads)
-        return {name: (t.grad if t.grad is not None else torch.zeros_like(t)).detach().numpy()
+        return {name: (t.grad if t.grad is not None else torch.zeros_like(t)).detach().cpu().numpy()
                 for name, t in self.firsts.items()}
 
 
@@ -135,7 +135,7 @@ def run_forward(net: CaffeNet, inputs: dict[str, torch.Tensor], backward: bool,
         for j, use in enumerate(uses):
             p = net.params[use.learnable]
             g = p.grad if p.grad is not None else torch.zeros_like(p)
-            param_diffs[f"{lp.name}.{j}"] = g.detach().reshape(use.shape).numpy()
+            param_diffs[f"{lp.name}.{j}"] = g.detach().reshape(use.shape).cpu().numpy()
     return graph.blobs, blob_diffs, param_diffs, graph.loss.detach()
 
 
@@ -164,14 +164,14 @@ def _dump(out: Path, net: CaffeNet, blobs: dict, blob_diffs: dict, param_diffs: 
     for sub in [out, out / "params", *([out / "diffs", out / "param_diffs"] if backward else [])]:
         sub.mkdir(parents=True, exist_ok=True)
     for name, value in blobs.items():
-        np.save(out / f"{file_name(name)}.npy", value.detach().numpy())
+        np.save(out / f"{file_name(name)}.npy", value.detach().cpu().numpy())
     for name, value in blob_diffs.items():
         np.save(out / "diffs" / f"{file_name(name)}.npy", value)
     for name, value in param_diffs.items():
         np.save(out / "param_diffs" / f"{file_name(name)}.npy", value)
     for lp, uses in zip(net.layer_params, net.blob_uses, strict=True):  # after the pass: BatchNorm's statistics
         for j, use in enumerate(uses):
-            value = net.params[use.learnable].detach().reshape(use.shape).numpy()
+            value = net.params[use.learnable].detach().reshape(use.shape).cpu().numpy()
             np.save(out / "params" / f"{file_name(lp.name)}.{j}.npy", value)
     (out / "loss.txt").write_text(f"{float(loss):.9g}\n")
 
@@ -205,6 +205,14 @@ def forward(args: argparse.Namespace) -> int:
         for path in args.weights.split(","):
             load_weights(net, path)
     top_diffs = {name: _load_array(name, path) for name, path in args.top_diff}
+    if args.gpu is not None:
+        from runner.logs import Log
+        from runner.netsetup import pick_device
+
+        device = pick_device(args.gpu, Log(enabled=False))
+        net.to(device)
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        top_diffs = {k: v.to(device) for k, v in top_diffs.items()}
     blobs, blob_diffs, param_diffs, loss = run_forward(net, inputs, args.backward, top_diffs)
     with staged_folder(args.dump) as out:
         _dump(out, net, blobs, blob_diffs, param_diffs, loss, args.backward)

@@ -48,12 +48,12 @@ class Sample:
 # -- sources ----------------------------------------------------------------------------------------
 
 def read_list(path: str | os.PathLike, root: str | os.PathLike | None = None) -> list[Sample]:
-    """``path label`` lines (see the module docstring); blank lines and ``#`` comments are skipped."""
+    """``path label`` lines (see the module docstring); blank lines and ``#`` comments are skipped. With an
+    explicit ``root``, relative paths must stay under it, as the image-list readers of the data layers."""
+    from data_prep.imageset import check_under_root, read_list_text
+
     path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise CaffeError(f"{path}: cannot read the image list ({e})") from None
+    lines = read_list_text(path).splitlines()
     base = Path(root) if root is not None else path.parent
     samples = []
     for number, line in enumerate(lines, 1):
@@ -67,6 +67,8 @@ def read_list(path: str | os.PathLike, root: str | os.PathLike | None = None) ->
                 continue  # a header
             raise CaffeError(f"{path}:{number}: expected 'path label' with an integer label, got '{text}'")
         ref = fields[0].strip()
+        if root is not None and not os.path.isabs(ref):  # an explicit root: its paths may not leave it
+            check_under_root(os.path.join(str(root), ""), ref, f"{path}:{number}")
         samples.append(Sample(str(base / ref) if not os.path.isabs(ref) else ref, int(label_text)))
     if not samples:
         raise CaffeError(f"{path}: no 'path label' lines")

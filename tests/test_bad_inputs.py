@@ -49,6 +49,12 @@ def corpus(tmp_path_factory) -> Path:
     return make_corpus.generate(tmp_path_factory.mktemp("bad_inputs") / "corpus")
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _category(name: str) -> str:
     return name.split("_", 1)[0]
 
@@ -56,7 +62,7 @@ def _category(name: str) -> str:
 def test_the_corpus_is_large_and_every_file_is_used():
     names = [c[0] for c in CASES]
     assert len(names) == len(set(names)), "case names must be unique"
-    assert len(CASES) >= 100
+    assert len(CASES) > 300
     categories = {_category(n) for n in names}
     assert {"net", "solver", "caffemodel", "lmdb", "list", "idx", "kitti", "flag"} <= categories
     text = "\n".join(c[1] for c in CASES)
@@ -70,6 +76,8 @@ def test_the_corpus_is_large_and_every_file_is_used():
 
 @pytest.mark.parametrize("name, command, expected, absent", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_gives_one_clear_line(name, command, expected, absent, corpus, monkeypatch, capsys):
+    if name.startswith("gpu_") and _cuda_available():
+        pytest.skip("--gpu is refused only where CUDA is not available")
     monkeypatch.chdir(corpus)
     rc = main(shlex.split(command))
     err = capsys.readouterr().err
@@ -154,3 +162,63 @@ def test_no_code_unpickles_files():
                         or re.search(r"\bpickle\.loads?\(", code) or "dill." in code:
                     bad.append(f"{path.relative_to(root)}:{n}: {line.strip()}")
     assert not bad, "\n".join(bad)
+
+
+def test_a_record_of_another_shape_mid_lmdb_stops_training_with_one_line(corpus, monkeypatch, capsys):
+    """The second record of lmdb/mixed_channels is 1x8x8 where the first (which shaped the net) is 3x8x8:
+    training stops with the record named, after its log lines, without a traceback or a snapshot."""
+    monkeypatch.chdir(corpus)
+    solver = corpus / "out" / "mixed_channels_solver.prototxt"
+    solver.write_text('net: "nets/data_mixed_channels.prototxt"\nbase_lr: 0.01\nlr_policy: "fixed"\nmax_iter: 2\n'
+                      'snapshot_prefix: "out/mixed"\nrandom_seed: 1\n')
+    assert main(["train", "--solver", str(solver)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "egomotion train: error: layer 'data' (Data): LMDB 'lmdb/mixed_channels': record '00000001': 1x8x8, but "
+        "the first record '00000000', which shaped the net, is 3x8x8: every record must have one shape")
+    assert not list((corpus / "out").glob("mixed_iter_*"))
+
+
+def test_training_memory_counts_gradients_and_histories(corpus, monkeypatch, capsys):
+    """A net whose weights and activations fit, but not with their gradients and Adam's two histories: refused
+    before the solver allocates anything, with what was counted."""
+    import converter.net as net_module
+
+    monkeypatch.chdir(corpus)
+    monkeypatch.setattr(net_module, "available_memory", lambda: 1_000_000)  # 100,000 weights: 400 kB
+    (corpus / "out" / "fc_net.prototxt").write_text(
+        'layer { name: "d" type: "DummyData" top: "data" top: "label" dummy_data_param { shape { dim: 2 dim: 1000 } '
+        'shape { dim: 2 } } }\nlayer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" inner_product_param '
+        '{ num_output: 100 bias_term: false } }\nlayer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" '
+        'bottom: "label" top: "loss" }\n')
+    # weights 400,000 bytes; activations 8,812 (data 8,000, label 8, fc 800, loss 4). SGD: 3 copies of the
+    # weights + the larger of the pass (2 x 8,812) and a snapshot (weights + 1 history) = 2,000,000; Adam: 4
+    # copies + a snapshot with 2 histories = 2,800,000
+    for solver_type, copies, need in (("SGD", 3, "2,000,000"), ("Adam", 4, "2,800,000")):
+        solver = corpus / "out" / f"fc_{solver_type}.prototxt"
+        solver.write_text(f'net: "out/fc_net.prototxt"\nbase_lr: 0.01\nlr_policy: "fixed"\nmax_iter: 1\n'
+                          f'type: "{solver_type}"\nsnapshot_prefix: "out/fc_{solver_type}"\n')
+        assert main(["train", "--solver", str(solver)]) == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line.startswith(f"egomotion train: error: training needs at least {need} bytes"), line
+        assert f"400,000 bytes (0.0 GiB) of parameters x {copies} (weights, gradients, " in line
+        assert "activations and their gradients 17,624 bytes" in line
+        assert not list((corpus / "out").glob(f"fc_{solver_type}_iter_*"))
+
+
+def test_mnist_pairs_refuses_a_count_the_disk_cannot_hold_before_reading_mnist(corpus, monkeypatch, capsys):
+    import collections
+
+    import data_prep.lmdb_io as lmdb_io
+
+    monkeypatch.chdir(corpus)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(lmdb_io.shutil, "disk_usage", lambda path: usage(10**9, 0, 10**9))
+    argv = ["data", "mnist-pairs", "--mnist-dir", "no/such/mnist", "--count", "1000000", "out/mp", "out/ml"]
+    assert main(argv) == 2
+    line = capsys.readouterr().err.strip()
+    # 1,000,000 records of 1,579 bytes (a 2x28x28 Datum) + 8-byte keys + 10-byte headers = 1.597 GB > 1 GB
+    assert line.startswith("egomotion data: error: --count 1,000,000: 1,000,000 records of 1,579 bytes need at "
+                           "least 1.6 GB, but the disk of "), line
+    assert not (corpus / "out" / "mp").exists() and not (corpus / "out" / "ml").exists()

@@ -75,6 +75,16 @@ def _images(dest: Path) -> dict[str, bytes]:
     }
     for name, data in files.items():
         (folder / name).write_bytes(data)
+    # escapes through symbolic links: an image that is a link to a file outside the root, and a folder link
+    # whose '..' leads outside although the path looks inside ('linkdir/../outside/secret.png')
+    outside = dest / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(files["good.png"])
+    (folder / "link_out.png").symlink_to(outside / "secret.png")
+    (folder / "linkdir").symlink_to(outside, target_is_directory=True)
+    # list files that are not text: Latin-1 bytes, and a NUL byte inside a path
+    (dest / "lists" / "not_utf8.txt").write_bytes(b"good.png 0\ncaf\xe9.png 1\n")
+    (dest / "lists" / "nul_byte.txt").write_bytes(b"good.png 0\ngo\x00od.png 1\n")
     return files
 
 
@@ -122,6 +132,12 @@ def _lmdbs(dest: Path, images: dict[str, bytes]) -> None:
     }
     for name, records in dbs.items():
         _write_lmdb(root / name, records)
+    # a database cut short (an interrupted copy): 40 records on several pages, the file halved; and an empty file
+    _write_lmdb(root / "truncated_mdb", [_raw(3, 8, 8, i % 2).SerializeToString() for i in range(40)])
+    data = (root / "truncated_mdb" / "data.mdb").read_bytes()
+    (root / "truncated_mdb" / "data.mdb").write_bytes(data[:len(data) // 2])
+    (root / "zero_mdb").mkdir()
+    (root / "zero_mdb" / "data.mdb").write_bytes(b"")
     (root / "not_lmdb").mkdir()
     (root / "not_lmdb" / "README").write_text("an ordinary folder\n")
     (root / "garbage_mdb").mkdir()
@@ -168,6 +184,19 @@ def _ip_model(weight: caffe_pb2.BlobProto | None, bias: caffe_pb2.BlobProto | No
     return net.SerializeToString()
 
 
+def _onnx_with_metadata(key: str, value: str) -> bytes:
+    """A one-node ONNX model (Identity of a 1x3x8x8 input) carrying a metadata entry."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["data"], ["out"])], "g",
+                              [helper.make_tensor_value_info("data", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 8, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.helper.set_model_props(model, {key: value})
+    return model.SerializeToString()
+
+
 def _models(dest: Path) -> None:
     folder = dest / "models"
     folder.mkdir()
@@ -190,11 +219,26 @@ def _models(dest: Path) -> None:
         "truncated.caffemodel": good[:len(good) - 7],
         "empty.caffemodel": b"",
         "garbage.solverstate": b"\xff" * 40,
+        "negative_iter.solverstate": caffe_pb2.SolverState(iter=-5, learned_net="models/good.caffemodel")
+        .SerializeToString(),
+        "negative_step.solverstate": caffe_pb2.SolverState(iter=3, current_step=-1,
+                                                           learned_net="models/good.caffemodel").SerializeToString(),
+        "bad_meta.onnx": _onnx_with_metadata("caffe.transform_param", "crop_size: banana"),
+        "garbage.onnx": b"\x08\x07 not an onnx model " * 4,
         "good.caffemodel": good,
     }
     for name, data in files.items():
         (folder / name).write_bytes(data)
     (folder / "folder.caffemodel").mkdir()
+
+
+def _npy_claiming(npy: bytes, shape: str) -> bytes:
+    """``npy`` with its header's shape replaced by ``shape`` (the header padded again to 64 bytes)."""
+    length = int.from_bytes(npy[8:10], "little")
+    header = npy[10:10 + length].decode("latin1").strip()
+    header = header.replace("(2, 3)", shape)
+    header += " " * ((64 - (10 + len(header) + 1) % 64) % 64) + "\n"
+    return npy[:8] + len(header).to_bytes(2, "little") + header.encode("latin1") + npy[10 + length:]
 
 
 def _npys(dest: Path) -> None:
@@ -205,6 +249,12 @@ def _npys(dest: Path) -> None:
     np.save(folder / "pickled.npy", np.array([{"payload": "os.system"}], dtype=object), allow_pickle=True)
     (folder / "truncated.npy").write_bytes((folder / "x23.npy").read_bytes()[:70])
     (folder / "text.npy").write_text("1 2 3\n")
+    np.save(folder / "complex.npy", np.ones((2, 3), np.complex64))
+    np.save(folder / "x45.npy", np.ones((4, 5), np.float32))
+    np.save(folder / "x238.npy", np.ones((2, 3, 8), np.float32))
+    header = (folder / "x23.npy").read_bytes()  # the same 24 bytes of data under a header claiming 4e15
+    (folder / "huge_header.npy").write_bytes(_npy_claiming(header, "(100000, 100000, 100000)"))
+    np.save(folder / "x23_f64.npy", np.ones((2, 3), np.float64))
 
 
 # ---------------------------------------------------------------------------------------------------
