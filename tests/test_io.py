@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import os
 from pathlib import Path
 
 import numpy as np
@@ -290,3 +291,17 @@ def test_check_without_data_still_counts_tops_and_bottoms(tmp_path, capsys):
     assert main(["check", str(tmp_path / "net.prototxt")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith("layer 'ip' (InnerProduct): takes 1 top blob(s), got 2"), err
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_writes_take_their_mode_from_the_umask(tmp_path, umask, mode):
+    """Snapshots, exports and means are written through a private temporary file (mkstemp: 0600); the
+    file they become has the mode a plain open() gives under the process's umask."""
+    from converter.io import atomic_write_bytes
+
+    before = os.umask(umask)
+    try:
+        atomic_write_bytes(tmp_path / "x.caffemodel", b"data")
+    finally:
+        os.umask(before)
+    assert (tmp_path / "x.caffemodel").stat().st_mode & 0o777 == mode
