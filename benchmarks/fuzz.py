@@ -7,7 +7,7 @@ other exception, or slower than ``--deadline``: a hang). Failures are listed wit
 truncated) so that they can be replayed. Peak RSS shows that no case allocated memory its input did not
 justify. Writes ``benchmarks/results/fuzz.{md,json}`` and prints one JSON line.
 
-    .venv/bin/python benchmarks/fuzz.py [--cases 10000] [--targets prototxt,caffemodel,datum,idx] [--seed S]
+    .venv/bin/python benchmarks/fuzz.py [--cases 10000] [--targets prototxt,caffemodel,datum,idx,lmdb] [--seed S]
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def table(rows: list[dict], meta: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=10_000)
-    parser.add_argument("--targets", default="prototxt,caffemodel,datum,idx")
+    parser.add_argument("--targets", default="prototxt,caffemodel,datum,idx,lmdb")
     parser.add_argument("--seed", type=int, default=int(time.strftime("%Y%m%d")))
     parser.add_argument("--deadline", type=float, default=2.0, help="seconds; a slower case counts as a hang")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run this target here, print its JSON

@@ -120,6 +120,12 @@ def _walk_in_child(path: Path, subdir: bool, timeout: float) -> tuple[str | None
     if pid == 0:  # pragma: no cover - the child
         code = 0
         try:
+            # lmdb's failed assertions (abort) and faulthandler would print here: the parent says what happened
+            import faulthandler
+
+            faulthandler.disable()
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
             os.close(read_end)
             _walk(path, subdir, write_end)
         except BaseException:  # noqa: BLE001 - the parent reads the database and reports the lmdb error itself

@@ -15,6 +15,7 @@ skipping keys already present; ``overwrite`` rebuilds.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -140,27 +141,41 @@ class LMDBReader:
             self._txn = self.env.begin()
         return self._txn
 
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """lmdb's own errors (a page of the wrong type, a page not found: a damaged file the size check and
+        the verifying walk let through) as one CaffeError line naming the database."""
+        try:
+            yield
+        except lmdb.Error as e:
+            raise CaffeError(f"{self.what + ': ' if self.what else ''}LMDB '{self.path}': damaged ({e})") from None
+
     def __len__(self) -> int:
-        return self.env.stat()["entries"]
+        with self._reading():
+            return self.env.stat()["entries"]
 
     def keys(self) -> KeyList:
-        return KeyList(list(self.txn.cursor().iternext(keys=True, values=False)))
+        with self._reading():
+            return KeyList(list(self.txn.cursor().iternext(keys=True, values=False)))
 
     def get(self, key: bytes) -> bytes:
-        value = self.txn.get(key)
+        with self._reading():
+            value = self.txn.get(key)
         if value is None:
             raise CaffeError(f"{self.what + ': ' if self.what else ''}LMDB '{self.path}' has no key '{key.decode()}'")
         return value
 
     def first(self) -> tuple[bytes, bytes]:
-        cursor = self.txn.cursor()
-        if not cursor.first():
-            raise CaffeError(f"{self.what + ': ' if self.what else ''}LMDB '{self.path}' is empty")
-        return cursor.key(), cursor.value()
+        with self._reading():
+            cursor = self.txn.cursor()
+            if not cursor.first():
+                raise CaffeError(f"{self.what + ': ' if self.what else ''}LMDB '{self.path}' is empty")
+            return cursor.key(), cursor.value()
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         """Every (key, value) once, in key order."""
-        yield from self.txn.cursor().iternext(keys=True, values=True)
+        with self._reading():
+            yield from self.txn.cursor().iternext(keys=True, values=True)
 
     def stream(self, rank: int = 0, world_size: int = 1, skip: bool = True) -> Iterator[tuple[bytes, bytes]]:
         """Caffe's DataLayer cursor: forever, in key order, wrapping with Caffe's log line.
@@ -171,16 +186,17 @@ class LMDBReader:
         if len(self) == 0:
             self.first()  # raises "is empty"
         offset = 0
-        cursor = self.txn.cursor()
-        cursor.first()
-        while True:
-            if not skip or offset % world_size == rank:
-                yield cursor.key(), cursor.value()
-            offset += 1
-            if not cursor.next():
-                if rank == 0:
-                    log.info(RESTART_MESSAGE)
-                cursor.first()
+        with self._reading():
+            cursor = self.txn.cursor()
+            cursor.first()
+            while True:
+                if not skip or offset % world_size == rank:
+                    yield cursor.key(), cursor.value()
+                offset += 1
+                if not cursor.next():
+                    if rank == 0:
+                        log.info(RESTART_MESSAGE)
+                    cursor.first()
 
 
 _SHARED: dict[tuple[int, str], list] = {}  # (pid, real path) -> [reader, users]

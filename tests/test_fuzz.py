@@ -150,3 +150,25 @@ def test_png_chunk_declaring_4_gb_is_refused_before_decoding():
 def test_fuzz_lmdb_reader():
     """Truncated and bit-flipped data.mdb files: refused with one line, never a SIGBUS or SIGSEGV."""
     _fuzz("lmdb", max(100, EXAMPLES // 3))
+
+
+def test_lmdb_page_of_the_wrong_type_is_one_line():
+    """Found by fuzzing: a leaf page whose flags say 'branch' passes the size check; lmdb's own assertion then
+    aborts the process that reads it (SIGABRT), here the verifying child, so the reader refuses the file."""
+    data = bytearray(fuzzing.lmdb_corpus()[1])  # 300 records: a branch page above leaf pages 4, 5, 7, ...
+    assert struct.unpack_from("<H", data, 4 * 4096 + 10)[0] == 0x2  # P_LEAF
+    struct.pack_into("<H", data, 4 * 4096 + 10, 0x1)  # P_BRANCH
+    assert fuzzing.run_lmdb(bytes(data)) == "refused"
+
+
+def test_a_name_with_a_newline_in_a_caffemodel_is_quoted_into_one_line():
+    """Found by fuzzing: a layer named 'a\\nb' in a .caffemodel made a two-line error; every CaffeError is one
+    line, its control characters escaped."""
+    net = caffe_pb2.NetParameter()
+    layer = net.layer.add(name="fc\nevil\tname", type="InnerProduct")
+    blob = layer.blobs.add()
+    blob.shape.dim.extend([4, 1 << 62])
+    outcome = fuzzing.run_caffemodel(("", net.SerializeToString()))
+    assert outcome == "refused"
+    with pytest.raises(CaffeError, match=r"layer 'fc\\nevil\\tname'"):
+        raise CaffeError(f"layer '{layer.name}'")
