@@ -106,11 +106,30 @@ def report(results: Path = RESULTS) -> str:
         lines += ["No results yet: run `make bench`.", ""]
     for name in names:
         lines += section(name, records[name])
+    lines += corpus_section()
     if (results / "gpu.json").exists():
         lines += gpu_section(json.loads((results / "gpu.json").read_text()))
     if NOTES.exists():
         lines += [NOTES.read_text().strip(), ""]
     return "\n".join(lines)
+
+
+def corpus_section(cases: Path = ROOT / "tests" / "bad_inputs" / "cases.tsv") -> list[str]:
+    """The bad-input corpus by category (counted from the file ``tests/test_bad_inputs.py`` runs: each case
+    must give exit 2 and one line naming the file and place, and leave nothing behind)."""
+    if not cases.exists():
+        return []
+    names = [line.split("\t", 1)[0] for line in cases.read_text().splitlines() if line.strip() and line[0] != "#"]
+    by_category: dict[str, int] = {}
+    for name in names:
+        category = name.split("_", 1)[0]
+        by_category[category] = by_category.get(category, 0) + 1
+    return ["## Bad inputs (`tests/test_bad_inputs.py`)", "",
+            f"{len(names)} command lines in `tests/bad_inputs/cases.tsv`, each run by the suite: exit code 2, one "
+            "stderr line naming the file and place (or the layer and blob), no traceback, and nothing left at the "
+            "paths the command was asked to write. By category: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])) + ". Kills, "
+            "signals and full disks are in `tests/test_faults.py`.", ""]
 
 
 def gpu_section(record: dict) -> list[str]:
