@@ -369,6 +369,8 @@ class LMDBWriter:
             if finished:
                 (self.path / INCOMPLETE_MARK).unlink(missing_ok=True)
         finally:
+            if not finished and self._created and self.env.stat()["entries"] == 0:
+                self._remove = True  # a new database that got nothing before the failure is not left behind
             self.env.close()
             self.env = None
             if self._remove:

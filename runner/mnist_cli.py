@@ -55,6 +55,21 @@ def _load(args: argparse.Namespace):
     return mnist
 
 
+PLAN_BYTES_PER_PAIR = 16
+"""generate_pairs draws every pair's digit up front (each digit count/60,000 times, then one shuffle of all of
+them: the thesis's balance): an int64 index per pair, twice while the permutations are concatenated."""
+
+
+def _check_plan_memory(count: int) -> None:
+    from converter.net import available_memory, format_bytes
+
+    limit, need = available_memory(), PLAN_BYTES_PER_PAIR * count
+    if limit is not None and need > limit:
+        raise CaffeError(f"--count {count:,}: drawing the pairs' digits needs {format_bytes(need)} of memory, more "
+                         f"than this machine's memory ({format_bytes(limit)}); make the pairs in parts with "
+                         "another --seed each, or on a larger machine")
+
+
 def run_pairs(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -65,6 +80,7 @@ def run_pairs(args: argparse.Namespace) -> int:
         pixels = 2 * 28 * 28
         record = caffe_pb2.Datum(channels=2, height=28, width=28, data=bytes(pixels), label=1).ByteSize()
         check_room(Path(args.images_db).parent, args.count, record, f"--count {args.count:,}")
+        _check_plan_memory(args.count)
     mnist = _load(args)
     images = mnist.train_images if args.split == "train" else mnist.test_images
     start = time.perf_counter()

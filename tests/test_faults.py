@@ -398,3 +398,16 @@ def test_real_full_disk_lmdb_and_snapshot(tiny_disk, imageset):
         assert "No space left on device" in one_error_line(train, "train")
         assert not list(case.glob("*.caffemodel")) and not list(case.glob(".*.partial"))
     assert _committed_prefix(db, reference) == committed
+
+
+def test_mnist_labeled_under_a_file_size_limit_leaves_nothing_and_says_so(tmp_path):
+    """A new digit LMDB that cannot commit a single transaction under `ulimit -f` is removed, and the one
+    line says so (it used to leave an empty database and say nothing about it)."""
+    from tests.test_mnist import mnist_dir
+
+    db = tmp_path / "digits"
+    full = cli_run("data", "mnist-labeled", "--mnist-dir", str(mnist_dir()), "--count", "1000", str(db),
+                   limit=64 * 1024)
+    line = one_error_line(full, "data")
+    assert f"writing LMDB '{db}' failed" in line and "nothing was committed, so the new database was removed" in line
+    assert not db.exists()
