@@ -104,13 +104,20 @@ def main() -> int:
     cases = sorted(p.name for p in golden.iterdir() if (p / "losses.tsv").exists()) if golden.is_dir() else []
     if args.quick:
         cases = [c for c in cases if c in QUICK_CASES]
-    modes = {"cudnn": True, "native": False} if gpu else {"cpu": True}
-    for mode, cudnn in modes.items():
+    from converter.layers.vision import set_net_engine
+
+    # (cuDNN enabled, --engine): torch's convolution with cuDNN's algorithms, torch's own kernels, and
+    # Caffe's engine (im2col + cuBLAS GEMM, converter/layers/vision.py im2col_conv)
+    modes = {"cudnn": (True, None), "native": (False, None), "caffe_engine": (True, "caffe")} if gpu else \
+        {"cpu": (True, None), "cpu_caffe_engine": (True, "caffe")}
+    for mode, (cudnn, engine) in modes.items():
         torch.backends.cudnn.enabled = cudnn
+        set_net_engine(engine)
         for case in cases:
             result = trajectory(golden / case, gpu, 5 if args.quick else None)
             record["trajectories"].setdefault(case, {})[mode] = result
     torch.backends.cudnn.enabled = True
+    set_net_engine(None)
     mnist = Path(args.mnist).resolve()
     if mnist.is_dir():
         from data_prep.mnist import load_mnist
@@ -118,6 +125,11 @@ def main() -> int:
         images = load_mnist(str(mnist)).train_images
         record["mnist_step_ms"] = step_ms(images, gpu, 3 if args.quick else 200)
         record["mnist_40k_minutes"] = record["mnist_step_ms"] * 40_000 / 60e3
+        set_net_engine("caffe")
+        try:
+            record["mnist_step_ms_caffe_engine"] = step_ms(images, gpu, 3 if args.quick else 200)
+        finally:
+            set_net_engine(None)
     worst = {mode: max((t[mode]["max_rel_loss_error"] for t in record["trajectories"].values()), default=math.nan)
              for mode in modes}
     record["worst_rel_loss_error"] = worst

@@ -140,14 +140,17 @@ def gpu_section(record: dict) -> list[str]:
              f"{v.get('gpu', v['device'])}, torch {v['torch']}, CUDA {v['cuda']}, cuDNN {v['cudnn']}, Python "
              f"{v['python']}. Each golden trajectory trained by `egomotion train --gpu 0`; the largest relative "
              "loss error against BVLC Caffe's `losses.tsv` (CPU tolerance: 1e-4, adagrad 3e-3), with cuDNN on "
-             "(torch's default) and off (torch's own kernels):", "",
+             "(torch's default), off (torch's own kernels) and, where measured, Caffe's own engine (`--engine "
+             "caffe`: im2col + cuBLAS GEMM):", "",
              "| case | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
     for case, by_mode in record["trajectories"].items():
         lines.append(f"| {case} | " + " | ".join(f"{by_mode[m]['max_rel_loss_error']:.1e} (iteration "
                                                   f"{by_mode[m]['at_iteration']})" for m in modes) + " |")
     if "mnist_step_ms" in record:
         lines += ["", f"MNIST egomotion net (batch 125), the real training loop: {record['mnist_step_ms']:.1f} ms per "
-                  f"iteration, so the thesis's 40,000 iterations take {record['mnist_40k_minutes']:.1f} min.", ""]
+                  f"iteration, so the thesis's 40,000 iterations take {record['mnist_40k_minutes']:.1f} min"
+                  + (f"; with `--engine caffe` {record['mnist_step_ms_caffe_engine']:.1f} ms per iteration"
+                     if "mnist_step_ms_caffe_engine" in record else "") + ".", ""]
     return lines
 
 

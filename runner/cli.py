@@ -35,9 +35,13 @@ class Parser(argparse.ArgumentParser):
 
 
 def _python_flag(p: argparse.ArgumentParser) -> None:
+    """The flags of every verb that builds a net: Python layers (opt-in) and the convolution engine."""
     p.add_argument("--allow-python-layers", action="store_true",
                    help="run nets with type: \"Python\" layers (python_param names a module and class that are "
                    "imported and run: only for files you trust)")
+    p.add_argument("--engine", choices=["default", "caffe", "cudnn"], default=None,
+                   help="engine of the Convolution layers that leave engine at DEFAULT: caffe = im2col + GEMM "
+                   "(Caffe's own), cudnn/default = torch's convolution (cuDNN on a GPU)")
 
 
 def _shape(text: str) -> tuple[str, tuple[int, ...]]:
@@ -137,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", default=None, help="the train net's NetState stages, comma-separated")
     p.add_argument("--log", default=None, help="log file (default: train.log beside the snapshots)")
     p.add_argument("--csv", default=None, help="CSV file (default: train.csv beside the snapshots)")
-    p.add_argument("--workers", type=int32, default=0, help="data reading processes (0: in the main process)")
+    p.add_argument("--workers", type=int32, default=None,
+                   help="data reading processes (0: in the main process; default 0 on the CPU, up to 4 with --gpu, "
+                   "so the data is read ahead of the GPU); never changes a number")
     _python_flag(p)
 
     p = sub.add_parser("test", help="score a model on its TEST data as `caffe test` does")
@@ -189,8 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     args.entry = main  # what a multi-GPU training spawns in each process
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     from converter.layers.base import allow_python_layers
+    from converter.layers.vision import set_net_engine
 
     allow_python_layers(getattr(args, "allow_python_layers", False))
+    set_net_engine(getattr(args, "engine", None))
     try:
         if getattr(args, "handler", None):  # subcommands that carry their own handler (data kitti-pairs, ...)
             return args.handler(args)
@@ -207,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         allow_python_layers(False)
+        set_net_engine(None)
 
 
 if __name__ == "__main__":

@@ -432,6 +432,8 @@ def train(args: argparse.Namespace) -> int:
     """The ``egomotion train`` verb."""
     if args.snapshot and args.weights:
         raise CaffeError("give --snapshot or --weights, not both (Caffe refuses them together)")
+    if args.workers is None:  # a GPU waits for data read in its own process: read ahead in workers
+        args.workers = min(4, max(0, len(os.sched_getaffinity(0)) - 1)) if args.gpu else 0
     if args.workers < 0:
         raise CaffeError(f"--workers must be >= 0 (0: read data in the main process), got {args.workers}")
     opts = TrainOptions(weights=[args.weights] if args.weights else [], snapshot=args.snapshot, gpu=args.gpu,

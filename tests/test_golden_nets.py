@@ -63,8 +63,20 @@ def replay(case: str, run: dict, monkeypatch) -> tuple:
     return net, run_forward(net, inputs, run["backward"], top_diffs)
 
 
-@pytest.mark.parametrize("case", LAYER_CASES)
-def test_golden_case_through_the_net(case, monkeypatch):
+@pytest.fixture()
+def engine(request):
+    """The Convolution engine of the whole net (``--engine``), reset after the test."""
+    from converter.layers.vision import set_net_engine
+
+    set_net_engine(request.param)
+    yield request.param
+    set_net_engine(None)
+
+
+@pytest.mark.parametrize("case, engine", [(case, "default") for case in LAYER_CASES] + [("conv", "caffe")],
+                         indirect=["engine"])
+def test_golden_case_through_the_net(case, engine, monkeypatch):
+    """Every case with torch's layers; the convolution case also with Caffe's im2col + GEMM engine."""
     require_golden()
     runs = oracle_runs(case)
     assert runs, f"{case}: no oracle_dump command found in CASE.md"

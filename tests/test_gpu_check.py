@@ -24,9 +24,10 @@ def test_gpu_check_cpu_quick_mode(tmp_path):
     record = json.loads(out.read_text())
     assert set(record["trajectories"]) == {"sgd_inv", "adam"}
     for case in record["trajectories"].values():
-        assert case["cpu"]["iterations"] == 6 and case["cpu"]["max_rel_loss_error"] < 1e-4  # Caffe's losses
+        for mode in ("cpu", "cpu_caffe_engine"):  # torch's convolution and Caffe's im2col + GEMM engine
+            assert case[mode]["iterations"] == 6 and case[mode]["max_rel_loss_error"] < 1e-4  # Caffe's losses
     if (ROOT.parent / "shared" / "data" / "mnist").is_dir():
-        assert record["mnist_step_ms"] > 0
+        assert record["mnist_step_ms"] > 0 and record["mnist_step_ms_caffe_engine"] > 0
     assert json.loads(done.stdout.strip().splitlines()[-1])["benchmark"] == "gpu_check"
 
 

@@ -555,3 +555,70 @@ def test_lrn_within_channel_gradient_is_the_exact_derivative():
 def test_lrn_errors(params, shape, message):
     with pytest.raises(CaffeError, match=message):
         make(f"lrn_param {{ {params} }}", shape, layer_type="LRN")
+
+
+def _caffe_conv_loops(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride, pad, dilation, group) -> np.ndarray:
+    """Caffe's convolution written as its definition (float64 loops): top[n, o, y, x] = bias[o] + the sum over
+    the group's channels and kernel taps of weight * bottom, outside the padding."""
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    oh = (h + 2 * pad[0] - (dilation[0] * (kh - 1) + 1)) // stride[0] + 1
+    ow = (wd + 2 * pad[1] - (dilation[1] * (kw - 1) + 1)) // stride[1] + 1
+    out = np.zeros((n, o, oh, ow))
+    for oc in range(o):
+        g = oc // (o // group)
+        for yy in range(oh):
+            for xx in range(ow):
+                acc = np.full(n, float(b[oc]))
+                for ci in range(cg):
+                    for i in range(kh):
+                        for j in range(kw):
+                            r = yy * stride[0] - pad[0] + i * dilation[0]
+                            s = xx * stride[1] - pad[1] + j * dilation[1]
+                            if 0 <= r < h and 0 <= s < wd:
+                                acc += w[oc, ci, i, j] * x[:, g * cg + ci, r, s].astype(np.float64)
+                out[:, oc, yy, xx] = acc
+    return out
+
+
+@pytest.mark.parametrize("kernel, stride, pad, dilation, group", [
+    ((3, 3), (1, 1), (0, 0), (1, 1), 1), ((5, 3), (2, 1), (2, 1), (1, 1), 1), ((3, 3), (1, 2), (1, 1), (2, 1), 1),
+    ((3, 3), (2, 2), (1, 1), (1, 1), 2), ((11, 11), (4, 4), (0, 0), (1, 1), 1)])
+def test_caffe_engine_is_im2col_gemm_with_caffes_numbers(kernel, stride, pad, dilation, group):
+    """engine: CAFFE (im2col + one batched GEMM, and autograd's two GEMMs back) against the definition, and
+    against torch's convolution (engine DEFAULT) for the gradients."""
+    from converter.layers.vision import im2col_conv
+
+    rng = np.random.default_rng(3)
+    size = 23 if kernel[0] == 11 else 9
+    x = rng.standard_normal((2, 4, size, size + 2)).astype(np.float32)
+    w = rng.standard_normal((6, 4 // group, *kernel)).astype(np.float32)
+    b = rng.standard_normal(6).astype(np.float32)
+    expected = _caffe_conv_loops(x, w, b, stride, pad, dilation, group)
+    xt, wt, bt = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
+    y = im2col_conv(xt, wt, bt, stride, pad, dilation, group)
+    np.testing.assert_allclose(y.detach().numpy(), expected, rtol=1e-5, atol=1e-4)
+    top_diff = torch.from_numpy(rng.standard_normal(y.shape).astype(np.float32))
+    y.backward(top_diff)
+    xr, wr, br = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
+    torch.nn.functional.conv2d(xr, wr, br, stride, pad, dilation, group).backward(top_diff)
+    for ours, ref in ((xt, xr), (wt, wr), (bt, br)):
+        np.testing.assert_allclose(ours.grad.numpy(), ref.grad.numpy(), rtol=1e-5, atol=1e-4)
+
+
+def test_engine_field_and_net_default_pick_the_convolution():
+    """A layer's own `engine: CAFFE` wins; `--engine caffe` (set_net_engine) sets the DEFAULT ones only."""
+    from converter.layers.vision import set_net_engine
+
+    def conv(engine: str) -> object:
+        lp = text_format.Parse(f'name: "c" type: "Convolution" bottom: "x" top: "y" convolution_param '
+                               f'{{ num_output: 2 kernel_size: 3 engine: {engine} }}', caffe_pb2.LayerParameter())
+        return layer_class(lp)(lp, [(1, 1, 5, 5)], caffe_pb2.TEST)
+
+    assert conv("CAFFE").im2col and not conv("CUDNN").im2col and not conv("DEFAULT").im2col
+    set_net_engine("caffe")
+    try:
+        assert conv("DEFAULT").im2col and not conv("CUDNN").im2col
+    finally:
+        set_net_engine(None)
+    assert not conv("DEFAULT").im2col

@@ -85,8 +85,23 @@ def assert_blobs(ours: np.ndarray, caffe: np.ndarray, bound: float, exact: bool,
                                    err_msg=f"{what} (see the module docstring about ReLU flips)")
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_golden_trajectory(case, tmp_path, monkeypatch):
+@pytest.fixture()
+def engine(request):
+    """The convolution engine for the whole net (``--engine``), reset after the test."""
+    from converter.layers.vision import set_net_engine
+
+    set_net_engine(request.param)
+    yield request.param
+    set_net_engine(None)
+
+
+# Caffe's own engine (im2col + GEMM) on the cases held to 1e-4 per element: same tolerances as torch's path
+ENGINE_RUNS = [(case, "default") for case in CASES] + [
+    (case, "caffe") for case in ("sgd_inv", "adam", "siamese_contrastive")]
+
+
+@pytest.mark.parametrize("case, engine", ENGINE_RUNS, indirect=["engine"])
+def test_golden_trajectory(case, engine, tmp_path, monkeypatch):
     folder = GOLDEN / case
     if not folder.is_dir():
         pytest.skip(f"{folder} is absent")

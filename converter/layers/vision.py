@@ -161,6 +161,15 @@ class _ConvolutionBase(Layer):
         return tops
 
 
+_NET_ENGINE = [caffe_pb2.ConvolutionParameter.DEFAULT]
+
+
+def set_net_engine(name: str | None) -> None:
+    """The engine of every Convolution whose prototxt leaves ``engine`` at DEFAULT (``--engine``): ``caffe``
+    (im2col + GEMM), ``cudnn`` or ``default`` (torch's convolution); a layer's own setting wins, as in Caffe."""
+    _NET_ENGINE[0] = caffe_pb2.ConvolutionParameter.Engine.Value((name or "default").upper())
+
+
 def live_taps(size: int, kernel: int, stride: int, pad: int, dilation: int, out: int) -> range:
     """The kernel taps along one axis that reach the input (not the zero padding) at one of ``out`` outputs."""
     live = [t for t in range(kernel) if any(0 <= o * stride - pad + t * dilation < size for o in range(out))]
@@ -182,6 +191,10 @@ class Convolution(_ConvolutionBase):
 
     def __init__(self, lp: caffe_pb2.LayerParameter, bottom_shapes: list[Shape], phase: int):
         super().__init__(lp, bottom_shapes, phase)
+        # engine: CAFFE is Caffe's own im2col + GEMM (im2col_conv below, on any device); DEFAULT and CUDNN
+        # are torch's convolution (cuDNN on a GPU, oneDNN on a CPU). `--engine` sets the DEFAULT ones.
+        engine = lp.convolution_param.engine or _NET_ENGINE[0]
+        self.im2col = engine == caffe_pb2.ConvolutionParameter.CAFFE
         self.input_size = tuple(self.bottom_shapes[0][self.axis + 1:])
         out = self.top_shapes[0][self.axis + 1:]
         taps = [live_taps(self.input_size[i], self.kernel[i], self.stride[i], self.pad[i], self.dilation[i], out[i])
@@ -193,11 +206,30 @@ class Convolution(_ConvolutionBase):
         self.live_taps = (taps[0], taps[1], tuple(pads)) if trimmed and same_size else None
 
     def convolve(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        pad = self.pad
         if self.live_taps is not None and tuple(x.shape[2:]) == self.input_size:
             rows, cols, pad = self.live_taps
             weight = weight[:, :, rows.start:rows.stop, cols.start:cols.stop]
-            return F.conv2d(x, weight, bias, self.stride, pad, self.dilation, self.group)
-        return super().convolve(x, weight, bias)
+        if self.im2col:
+            return im2col_conv(x, weight, bias, self.stride, pad, self.dilation, self.group)
+        return F.conv2d(x, weight, bias, self.stride, pad, self.dilation, self.group)
+
+
+def im2col_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int],
+                pad: tuple[int, int], dilation: tuple[int, int], group: int) -> torch.Tensor:
+    """``ConvolutionLayer`` with ``engine: CAFFE``: every sample's columns (``im2col``) times the weight matrix
+    (``caffe_cpu_gemm``/cuBLAS), the whole batch in one batched GEMM; autograd's backward is the same two
+    GEMMs Caffe's ``weight_cpu_gemm``/``backward_cpu_gemm`` do (plus col2im as fold). No cuDNN algorithm
+    choice: on a GPU the numbers are cuBLAS's float32 GEMM, as Caffe's own engine computes them."""
+    n, channels, height, width = x.shape
+    out_channels, _, kh, kw = weight.shape
+    cols = F.unfold(x, (kh, kw), dilation, pad, stride)  # (N, C*kh*kw, L), C-major as Caffe's im2col
+    oh = (height + 2 * pad[0] - (dilation[0] * (kh - 1) + 1)) // stride[0] + 1
+    ow = (width + 2 * pad[1] - (dilation[1] * (kw - 1) + 1)) // stride[1] + 1
+    cols = cols.view(n, group, -1, oh * ow)
+    y = torch.matmul(weight.reshape(group, out_channels // group, -1), cols)  # (N, g, O/g, L)
+    y = y.reshape(n, out_channels, oh, ow)
+    return y + bias.view(1, -1, 1, 1) if bias is not None else y
 
 
 @register("Deconvolution")
