@@ -316,3 +316,20 @@ def test_transfer_nets_take_the_kitti_bcnn_by_name(tmp_path):
     for c in convs:
         assert torch.equal(conv_weight(net, c), conv_weight(kitti, c))
         assert net.learnable[net.blob_uses[net.layer_by_name(c)][0].learnable].lr_mult == 1
+
+
+def test_auto_device_never_requests_cuda_that_torch_cannot_see(monkeypatch):
+    """onnxruntime-gpu lists its CUDA provider on machines without a GPU and prints its own errors when asked
+    for it: auto asks torch first and stays on the CPU; --device cuda is one line."""
+    import onnxruntime
+
+    from runner.probe import providers
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert providers("auto") == ["CPUExecutionProvider"]
+    with pytest.raises(CaffeError, match=r"^--device cuda: no CUDA device is usable here$"):
+        providers("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert providers("auto") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
