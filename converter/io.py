@@ -129,6 +129,29 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 @contextlib.contextmanager
+def output_folder(path: str | os.PathLike, flag: str, discard: bool = False) -> Iterator[Path]:
+    """An output folder a command makes if needed: a file there, or a place it cannot be made, is one line
+    naming ``flag``. When the block fails, a folder this command made is removed again: with everything in
+    it (``discard``), or only if the failure left it empty (earlier complete results in it are kept)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CaffeError(f"{flag} {path}: exists and is not a folder")
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CaffeError(f"{flag} {path}: cannot create the folder ({e.strerror or e})") from None
+    try:
+        yield path
+    except BaseException:
+        if created and discard:
+            shutil.rmtree(path, ignore_errors=True)
+        elif created and not any(path.iterdir()):
+            path.rmdir()
+        raise
+
+
+@contextlib.contextmanager
 def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
     """A folder written as a whole: the caller fills a hidden sibling, which replaces ``path`` only when the
     block ends without error. Any failure (a full disk, a file-size limit, a bad place) removes the sibling

@@ -82,13 +82,11 @@ frame order, their keys already shuffled).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -96,6 +94,7 @@ import numpy as np
 
 from converter import caffe_pb2
 from converter.errors import CaffeError
+from converter.io import output_folder
 from data_prep.imageset import discard_lmdb, read_image
 from data_prep.lmdb_io import LMDBWriter, caffe_key
 
@@ -653,25 +652,6 @@ def format_histograms(hist: dict[str, list[int]]) -> str:
 # ---------------------------------------------------------------------------------------------------
 # The whole job
 # ---------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _output_folder(out: Path) -> Iterator[None]:
-    """``--out`` made if needed (a file there, or a place it cannot be made, is one line); a folder this run
-    made is removed again when an error leaves it empty."""
-    if out.exists() and not out.is_dir():
-        raise CaffeError(f"--out {out}: exists and is not a folder")
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CaffeError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
-    try:
-        yield
-    except BaseException:
-        if created and not any(out.iterdir()):
-            out.rmdir()
-        raise
-
-
 def make_pairs(kitti_dir: str | Path, out: str | Path, opts: PairOptions, train: str = THESIS_SPLIT[0],
                val: str = THESIS_SPLIT[1], overwrite: bool = False, mean: bool = False, cache_mb: int = 2048,
                echo=print) -> dict:
@@ -700,7 +680,7 @@ def make_pairs(kitti_dir: str | Path, out: str | Path, opts: PairOptions, train:
     mode = "color" if colour else "gray"
     root_seq = np.random.SeedSequence(opts.seed)
     rngs = dict(zip(("train", "val"), (np.random.default_rng(s) for s in root_seq.spawn(2)), strict=True))
-    with _output_folder(out):
+    with output_folder(out, "--out"):
         report: dict = {"kitti_dir": str(root), "options": {**asdict(opts), "train": train, "val": val},
                         "channels": 6 if colour else 2, "classes_per_axis": n_classes,
                         "zscore": asdict(zscore) if zscore else None, "splits": {}}

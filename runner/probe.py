@@ -50,6 +50,7 @@ from torch import nn
 
 from converter import caffe_pb2
 from converter.errors import CaffeError
+from converter.io import output_folder
 from runner.probe_data import ImageSource, Sample, read_list, read_lmdb, split, sun_partition
 from runner.solver import Solver
 
@@ -483,25 +484,14 @@ def probe(args: argparse.Namespace) -> int:
     from runner.report import write_report
 
     exp = experiment_from_args(args)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CaffeError(f"-o {out}: exists and is not a folder")
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CaffeError(f"-o {out}: cannot create the folder ({e.strerror or e})") from None
-    exp.feature_dir = out / "features"
     started = time.perf_counter()
-    try:
-        results = run(exp)
-    except BaseException:
-        if created:  # an error leaves no half-made results folder behind
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    finally:
-        if not args.keep_features:
-            shutil.rmtree(exp.feature_dir, ignore_errors=True)
+    with output_folder(args.out, "-o", discard=True) as out:  # an error leaves no half-made results folder
+        exp.feature_dir = out / "features"
+        try:
+            results = run(exp)
+        finally:
+            if not args.keep_features:
+                shutil.rmtree(exp.feature_dir, ignore_errors=True)
     exp.timings["total"] = time.perf_counter() - started
     files = write_report(results, out, exp.config.kind, thesis=args.thesis_table)
     meta = {"probe": asdict(exp.config), "layers": exp.layers, "per_class": exp.per_class, "seed": exp.seed,
