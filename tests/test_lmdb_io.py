@@ -184,3 +184,26 @@ def test_kill_9_mid_write_leaves_a_committed_prefix_and_append_resumes(tmp_path,
     assert proc.returncode == 0 and out.strip().endswith("done")
     with LMDBReader(db) as r:
         assert len(r) == n
+
+
+def test_meta_pages_read_as_lmdb_reads_them(tmp_path):
+    """data_prep.lmdb_check parses LMDB's meta pages itself (to refuse truncated files before lmdb maps them):
+    its page size, last page and record count agree with what the lmdb library reports, and a file cut
+    short of its last page is refused with both sizes named."""
+    import lmdb
+
+    from data_prep.lmdb_check import read_meta
+
+    with LMDBWriter(tmp_path / "db", commit_every=7) as w:
+        for i in range(50):
+            w.put(caffe_key(i), bytes(300 + i))
+    env = lmdb.open(str(tmp_path / "db"), readonly=True, lock=False)
+    stat, info = env.stat(), env.info()
+    env.close()
+    meta = read_meta(tmp_path / "db" / "data.mdb")
+    assert (meta.page_size, meta.last_page, meta.entries) == (stat["psize"], info["last_pgno"], 50)
+    data = (tmp_path / "db" / "data.mdb").read_bytes()
+    (tmp_path / "db" / "data.mdb").write_bytes(data[:meta.needed_bytes - meta.page_size])
+    with pytest.raises(CaffeError, match=rf"truncated: {meta.needed_bytes - meta.page_size:,} bytes, but its "
+                                         rf"header says {meta.needed_bytes:,}"):
+        LMDBReader(tmp_path / "db")
