@@ -92,7 +92,7 @@ from pathlib import Path
 
 import numpy as np
 
-from converter import caffe_pb2
+from converter import caffe_pb2, experiment_pb2
 from converter.errors import CaffeError
 from converter.io import output_folder
 from data_prep.imageset import discard_lmdb, read_image
@@ -105,7 +105,8 @@ WHERE_KITTI = (f"KITTI odometry comes from {KITTI_URL} (data_odometry_color.zip 
                "(or --kitti-dir); the 151-frame sample is ../shared/data/kitti_odometry_00")
 CAMERAS = ("image_0", "image_1", "image_2", "image_3")
 GREY_CAMERAS = ("image_0", "image_1")
-THESIS_SPLIT = ("00-08", "09-10")
+_SCHEMA = experiment_pb2.KittiPairsParameter()
+THESIS_SPLIT = (_SCHEMA.train, _SCHEMA.val)
 PAPER_SPLIT = ("00-05,07,08,10", "06,09")
 AXES = ("x", "rot_y", "z")  # the label Datum's order (thesis: x, y = rotation about Y, z)
 
@@ -362,20 +363,24 @@ def classify(values: np.ndarray, opts: PairOptions, zscore: ZScore | None = None
 # ---------------------------------------------------------------------------------------------------
 @dataclass
 class PairOptions:
-    task: str = "egomotion"  # egomotion | sfa
-    labels: str = "thesis"  # thesis | agrawal2015
-    translation_frame: str = "camera"  # camera | world (the thesis and the paper)
-    thesis_overflow: str = "clamp"  # clamp | drop
-    sampling: str = "thesis"  # thesis | paper
-    max_offset: int = 7
-    sfa_max_offset: int = 20
-    store: str = "crop"  # crop | full
-    crop: int = 227
-    cameras: tuple[str, ...] = ("image_2",)
-    mode: str = "auto"  # auto | color | gray
-    pairs_per_sequence: int = 2300
+    """How pairs are drawn and labelled; every default is the schema's (``KittiPairsParameter`` in
+    converter/experiment.proto, where each value is explained), so the experiment, the CLI and this library
+    agree by construction."""
+
+    task: str = _SCHEMA.task  # egomotion | sfa
+    labels: str = _SCHEMA.labels  # thesis | agrawal2015
+    translation_frame: str = _SCHEMA.translation_frame  # world (the thesis and the paper) | camera
+    thesis_overflow: str = _SCHEMA.thesis_overflow  # clamp | drop
+    sampling: str = _SCHEMA.sampling  # thesis | paper
+    max_offset: int = _SCHEMA.max_offset
+    sfa_max_offset: int = _SCHEMA.sfa_max_offset
+    store: str = _SCHEMA.store  # crop | full
+    crop: int = _SCHEMA.crop
+    cameras: tuple[str, ...] = tuple(_SCHEMA.camera.split(","))
+    mode: str = _SCHEMA.mode  # auto | color | gray
+    pairs_per_sequence: int = _SCHEMA.pairs_per_sequence
     total_pairs: dict[str, int] = field(default_factory=dict)  # split -> total, shared ∝ length
-    seed: int = 0
+    seed: int = _SCHEMA.seed
 
     def colour(self) -> bool:
         if self.mode == "auto":

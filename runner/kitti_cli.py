@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from converter import experiment_pb2
 from converter.errors import CaffeError
 from data_prep import kitti
 from runner.curves import read_curves
@@ -23,36 +24,38 @@ def add_kitti_parsers(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--kitti-dir", default=None, help="the dataset/ folder (default: $KITTI_DIR)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--task", default="egomotion", choices=["egomotion", "sfa"])
-    p.add_argument("--labels", default="thesis", choices=["thesis", "agrawal2015"],
+    d = experiment_pb2.KittiPairsParameter()  # every default is the schema's (converter/experiment.proto)
+    p.add_argument("--task", default=d.task, choices=["egomotion", "sfa"])
+    p.add_argument("--labels", default=d.labels, choices=["thesis", "agrawal2015"],
                    help="the thesis's fixed ranges (20 classes) or the paper's z-scored bins (22 classes)")
-    p.add_argument("--translation-frame", default="camera", choices=["camera", "world", "thesis"],
-                   help="ΔX, ΔZ in the first camera's frame, or t2-t1 in world coordinates (world, alias thesis: "
-                   "what the thesis and the paper did)")
-    p.add_argument("--thesis-overflow", default="clamp", choices=["clamp", "drop"],
+    p.add_argument("--translation-frame", default=d.translation_frame, choices=["camera", "world", "thesis"],
+                   help="t2-t1 in world coordinates (world, alias thesis: what the thesis and the paper did), or "
+                   "ΔX, ΔZ in the first camera's frame (camera: the motion as the camera sees it)")
+    p.add_argument("--thesis-overflow", default=d.thesis_overflow, choices=["clamp", "drop"],
                    help="pairs above the thesis's range (its class 20): class 19, or left out")
-    p.add_argument("--sampling", default="thesis", choices=["thesis", "paper"],
+    p.add_argument("--sampling", default=d.sampling, choices=["thesis", "paper"],
                    help="offsets uniform 1..7 (thesis) or round(U*7) = 0..7 (paper); SFA: 1..20 uniform (thesis) "
                    "or half close, half far (paper)")
-    p.add_argument("--max-offset", type=int32, default=7, help="egomotion partner offset; the SFA 'close' limit")
-    p.add_argument("--sfa-max-offset", type=int32, default=20, help="SFA offsets with --sampling thesis")
-    p.add_argument("--store", default="crop", choices=["crop", "full"],
+    p.add_argument("--max-offset", type=int32, default=d.max_offset,
+                   help="egomotion partner offset; the SFA 'close' limit")
+    p.add_argument("--sfa-max-offset", type=int32, default=d.sfa_max_offset, help="SFA offsets with --sampling thesis")
+    p.add_argument("--store", default=d.store, choices=["crop", "full"],
                    help="one random crop window per pair, the same in both frames (thesis), or whole frames (paper)")
-    p.add_argument("--crop", type=int32, default=227)
-    p.add_argument("--camera", default="image_2",
+    p.add_argument("--crop", type=int32, default=d.crop)
+    p.add_argument("--camera", default=d.camera,
                    help="image_0..image_3, or several comma-separated (each pair takes one at random)")
-    p.add_argument("--mode", default="auto", choices=["auto", "color", "gray"],
+    p.add_argument("--mode", default=d.mode, choices=["auto", "color", "gray"],
                    help="auto: grey for image_0/1, colour (BGR) for image_2/3")
-    p.add_argument("--train", default=kitti.THESIS_SPLIT[0],
+    p.add_argument("--train", default=d.train,
                    help=f"training sequences, e.g. 00-08, 00,02 or 00:0-119 (paper: {kitti.PAPER_SPLIT[0]})")
-    p.add_argument("--val", default=kitti.THESIS_SPLIT[1],
-                   help=f"validation sequences, or none (paper: {kitti.PAPER_SPLIT[1]})")
-    p.add_argument("--pairs-per-sequence", type=int32, default=2300)
+    p.add_argument("--val", default=d.val, help=f"validation sequences, or none (paper: {kitti.PAPER_SPLIT[1]})")
+    p.add_argument("--pairs-per-sequence", type=int32, default=d.pairs_per_sequence)
     p.add_argument("--train-pairs", type=int32, default=None, help="total training pairs, shared in proportion to "
                    "sequence length (instead of --pairs-per-sequence)")
     p.add_argument("--val-pairs", type=int32, default=None, help="total validation pairs, likewise")
-    p.add_argument("--seed", type=int32, default=0)
-    p.add_argument("--mean", action="store_true", help="also write mean_train.binaryproto (compute_image_mean)")
+    p.add_argument("--seed", type=int32, default=d.seed)
+    p.add_argument("--mean", action=argparse.BooleanOptionalAction, default=d.mean,
+                   help="also write mean_train.binaryproto (compute_image_mean)")
     p.add_argument("--overwrite", action="store_true", help="rebuild existing LMDBs")
     p.add_argument("--cache-mb", type=int32, default=2048, help="memory for decoded frames")
     p.set_defaults(handler=run_pairs)

@@ -152,7 +152,7 @@ def sample_sequence(first=0, last=150) -> kitti.Sequence:
 
 
 def test_thesis_sampling_offsets_crops_flags_and_determinism():
-    opts = PairOptions(cameras=("image_0",), pairs_per_sequence=3000)
+    opts = PairOptions(cameras=("image_0",), pairs_per_sequence=3000, translation_frame="camera")
     pairs = plan_pairs([sample_sequence()], opts, np.random.default_rng(5))
     offsets = np.abs(pairs.frame1 - pairs.frame2)
     assert offsets.min() >= 1 and offsets.max() == 7
@@ -209,7 +209,8 @@ def test_thesis_overflow_drop_counts_match_clamp():
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     out = tmp_path_factory.mktemp("kitti")
-    opts = PairOptions(cameras=("image_0",), total_pairs={"train": 150, "val": 40}, seed=11)
+    opts = PairOptions(cameras=("image_0",), total_pairs={"train": 150, "val": 40}, seed=11,
+                       translation_frame="camera")
     report = make_pairs(SAMPLE, out, opts, train="00:0-119", val="00:120-150", echo=lambda _: None)
     return out, report
 
@@ -351,3 +352,27 @@ def test_plot_heads_writes_a_png(tmp_path):
     assert main(["plot-heads", str(tmp_path / "train.csv"), "-o", str(tmp_path / "h.png")]) == 0
     assert cv2.imread(str(tmp_path / "h.png")) is not None
     assert main(["plot-heads", str(tmp_path / "absent.csv"), "-o", str(tmp_path / "x.png")]) == 2
+
+
+def test_cli_and_library_defaults_are_the_schemas():
+    """`egomotion data kitti-pairs`, PairOptions and make_pairs take every default from KittiPairsParameter
+    (converter/experiment.proto): changing one there changes all three; none restates a value."""
+    import argparse
+    import dataclasses
+
+    from converter import experiment_pb2
+    from data_prep import kitti
+    from runner.kitti_cli import add_kitti_parsers
+
+    schema = experiment_pb2.KittiPairsParameter()
+    parser = argparse.ArgumentParser()
+    add_kitti_parsers(parser.add_subparsers())
+    args = vars(parser.parse_args(["kitti-pairs", "--out", "x"]))
+    for field in schema.DESCRIPTOR.fields:
+        if field.name in ("env", "train_pairs", "val_pairs"):
+            continue
+        assert args[field.name] == getattr(schema, field.name), field.name
+    options = {f.name: f.default for f in dataclasses.fields(kitti.PairOptions) if f.default is not dataclasses.MISSING}
+    assert options["translation_frame"] == schema.translation_frame == "world"  # the thesis's frame
+    assert options["cameras"] == (schema.camera,) and options["crop"] == schema.crop
+    assert kitti.THESIS_SPLIT == (schema.train, schema.val)
