@@ -64,6 +64,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/gemm_peak.py
 	$(PY) benchmarks/bench_converter.py $(BENCH_FLAGS)
 	$(PY) benchmarks/bench_mnist.py
+	$(PY) benchmarks/bench_data_path.py
 	$(PY) benchmarks/profile_mnist.py
 	$(PY) benchmarks/bench_kitti.py
 	$(PY) benchmarks/bench_probe.py

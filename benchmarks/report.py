@@ -20,10 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, ROOT, machine  # noqa: E402
 
-ORDER = ["gemm_peak", "converter", "mnist", "profile", "kitti", "probe", "fuzz"]
+ORDER = ["gemm_peak", "converter", "mnist", "data_path", "profile", "kitti", "probe", "fuzz"]
 TITLES = {"gemm_peak": "GEMM peak (the reference for the hardware's speed)",
           "converter": "Converted nets vs hand-written PyTorch (forward + backward)",
           "mnist": "MNIST experiment: pair generator and egomotion pre-training",
+          "data_path": "The data path alone: MNIST pairs per second through NetFeeder",
           "profile": "Profile of one MNIST egomotion iteration",
           "kitti": "KITTI pair generator (and training, with --train)",
           "probe": "Probe pipeline: ONNX Runtime vs the PyTorch module",
