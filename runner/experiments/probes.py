@@ -95,7 +95,8 @@ def run_probe(exp: Experiment, data_root: Path, folder: Path, run: experiment_pb
         with contextlib.redirect_stderr(io.StringIO()):
             net, plan = build_deploy(tower_file, [weights], outputs)
             export_model(net, plan, onnx_path)
-        session = open_session(onnx_path, "cpu")
+        # the run's own thread count (--threads), as its trainings: jobs side by side do not oversubscribe
+        session = open_session(onnx_path, "cpu", threads=torch.get_num_threads())
         shape = session.get_inputs()[0].shape
         source = ImageSource(data_layer.transform_param, tuple(int(d) for d in shape[1:]), resize, images.pad_square)
         start = time.perf_counter()
