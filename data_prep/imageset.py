@@ -84,21 +84,21 @@ def _leaves(rel: str) -> bool:
     return rel == os.pardir or rel.startswith(os.pardir + os.sep)
 
 
-def read_list_text(listfile: str | os.PathLike) -> str:
-    """A list file's text: refused with file:line when it is not UTF-8 or holds a NUL byte (a binary file, or
-    a path no file system can open)."""
+def read_list_text(listfile: str | os.PathLike, kind: str = "a list of '<path> <label>' lines") -> str:
+    """A text file's text (image lists, SUN partitions, KITTI poses, tables: ``kind`` says which): refused with
+    file:line when it is not UTF-8 or holds a NUL byte (a binary file, or a path no file system can open)."""
     try:
         data = Path(listfile).read_bytes()
     except OSError as e:
         raise CaffeError(f"cannot read list file '{listfile}' ({e.strerror})") from None
     if b"\x00" in data:
         line = data[:data.index(b"\x00")].count(b"\n") + 1
-        raise CaffeError(f"{listfile}:{line}: holds a NUL byte (a binary file, not a list of '<path> <label>' lines)")
+        raise CaffeError(f"{listfile}:{line}: holds a NUL byte (a binary file, not {kind})")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
-        raise CaffeError(f"{listfile}:{line}: not UTF-8 text (byte {e.start}: {data[e.start]:#04x}); save the list "
+        raise CaffeError(f"{listfile}:{line}: not UTF-8 text (byte {e.start}: {data[e.start]:#04x}); save the file "
                          "as UTF-8") from None
     return text
 

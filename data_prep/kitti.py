@@ -173,10 +173,12 @@ def read_poses(path: str | Path) -> np.ndarray:
     Each line is checked (12 finite numbers, R orthonormal with determinant +1 within
     ``ROTATION_TOLERANCE``); a bad line is a CaffeError naming ``path:line``.
     """
+    from data_prep.imageset import read_list_text
+
     try:
-        text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise CaffeError(f"{path}: cannot read poses ({getattr(e, 'strerror', None) or e})") from None
+        text = read_list_text(path, "a KITTI poses file (12 numbers a line)")
+    except CaffeError as e:
+        raise CaffeError(f"{path}: cannot read poses ({e})" if str(e).startswith("cannot read") else str(e)) from None
     poses = []
     for n, line in enumerate(text.splitlines(), start=1):
         fields = line.split()

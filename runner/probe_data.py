@@ -34,6 +34,7 @@ import numpy as np
 
 from converter import caffe_pb2
 from converter.errors import CaffeError
+from data_prep.imageset import check_under_root, read_list_text
 from data_prep.transform import Transformer
 
 LMDB_PREFIX = "lmdb:"
@@ -50,8 +51,6 @@ class Sample:
 def read_list(path: str | os.PathLike, root: str | os.PathLike | None = None) -> list[Sample]:
     """``path label`` lines (see the module docstring); blank lines and ``#`` comments are skipped. With an
     explicit ``root``, relative paths must stay under it, as the image-list readers of the data layers."""
-    from data_prep.imageset import check_under_root, read_list_text
-
     path = Path(path)
     lines = read_list_text(path).splitlines()
     base = Path(root) if root is not None else path.parent
@@ -99,7 +98,8 @@ def sun_partition(sun_dir: str | os.PathLike, k: int, images: str | os.PathLike 
     lists = {}
     for kind in ("Training", "Testing"):
         f = find_partition_file(sun_dir, kind, k)
-        lists[kind] = [line.strip() for line in f.read_text().splitlines() if line.strip()]
+        text = read_list_text(f, "a SUN397 partition file (one image path a line)")
+        lists[kind] = [line.strip() for line in text.splitlines() if line.strip()]
     classes = sorted({sun_class(line) for lines in lists.values() for line in lines})
     index = {c: i for i, c in enumerate(classes)}
 

@@ -305,3 +305,22 @@ def test_atomic_writes_take_their_mode_from_the_umask(tmp_path, umask, mode):
     finally:
         os.umask(before)
     assert (tmp_path / "x.caffemodel").stat().st_mode & 0o777 == mode
+
+
+def test_atomic_writes_keep_a_symlink_and_never_replace_a_special_file(tmp_path):
+    """A snapshot written through a symbolic link lands where the link points (the link stays a link); a
+    FIFO (or a device: `-o /dev/full` once replaced the device node with a file) is refused untouched."""
+    import stat
+
+    from converter.errors import CaffeError
+    from converter.io import atomic_write_bytes
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "latest.caffemodel").symlink_to(tmp_path / "real" / "model.caffemodel")
+    atomic_write_bytes(tmp_path / "latest.caffemodel", b"weights")
+    assert (tmp_path / "latest.caffemodel").is_symlink()
+    assert (tmp_path / "real" / "model.caffemodel").read_bytes() == b"weights"
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(CaffeError, match="exists and is not a regular file"):
+        atomic_write_bytes(tmp_path / "fifo", b"x")
+    assert stat.S_ISFIFO((tmp_path / "fifo").stat().st_mode)

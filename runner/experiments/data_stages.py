@@ -17,6 +17,7 @@ from google.protobuf import text_format
 
 from converter import experiment_pb2
 from converter.errors import CaffeError
+from data_prep.imageset import read_list_text
 from runner.probe_data import Sample, by_class, choose, read_list, sun_partition
 
 Echo = Callable[[str], None]
@@ -134,7 +135,7 @@ def image_pools(p: experiment_pb2.ImageSetParameter) -> list[tuple[list[Sample],
 def image_list(path: Path, root: Path) -> list[Sample]:
     """A Caffe list (``path label``), or a table with a header naming its ``file`` column and its label column
     (``label``, ``index`` or ``class_index``), tab-separated like ImageNet's and SUN's sample tables."""
-    lines = path.read_text().splitlines() if path.is_file() else []
+    lines = read_list_text(path, "an image list or table").splitlines() if path.is_file() else []
     header = lines[0].split("\t") if lines else []
     label = next((c for c in ("label", "class_index", "index") if c in header), None)
     if "file" not in header or label is None:

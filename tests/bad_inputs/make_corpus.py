@@ -9,6 +9,7 @@ relative to ``dest``. Run ``python tests/bad_inputs/make_corpus.py DEST`` to loo
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 import struct
 import sys
@@ -339,6 +340,17 @@ def _kitti(dest: Path) -> None:
     shutil.copytree(dest / "kitti" / "good", corrupt)
     for i in (1, 2):
         (corrupt / "sequences" / "00" / "image_0" / f"{i:06d}.png").write_bytes(frame[:len(frame) // 2])
+    latin1 = dest / "kitti" / "latin1_poses"  # a poses file with a Latin-1 byte in its second line
+    shutil.copytree(dest / "kitti" / "good", latin1)
+    lines = (latin1 / "poses" / "00.txt").read_bytes().split(b"\n")
+    (latin1 / "poses" / "00.txt").write_bytes(b"\n".join([lines[0], lines[1] + b" \xb0", *lines[2:]]))
+    sun = dest / "sun" / "Partitions"  # SUN397 partition files: a Latin-1 class name, a NUL byte
+    sun.mkdir(parents=True)
+    (sun / "Training_01.txt").write_bytes(b"/a/abbey/sun_1.jpg\n/c/caf\xe9/sun_2.jpg\n")
+    (sun / "Testing_01.txt").write_bytes(b"/a/abbey/sun_3.jpg\n")
+    (sun / "Training_02.txt").write_bytes(b"/a/abbey/sun_1.jpg\n/a/ab\x00bey/sun_2.jpg\n")
+    (sun / "Testing_02.txt").write_bytes(b"/a/abbey/sun_3.jpg\n")
+    os.mkfifo(dest / "out" / "fifo")  # a write target that a rename would replace
 
 
 def generate(dest: str | Path) -> Path:
@@ -353,8 +365,8 @@ def generate(dest: str | Path) -> Path:
     _models(dest)
     _npys(dest)
     _idx_folders(dest)
-    _kitti(dest)
     (dest / "out").mkdir()
+    _kitti(dest)
     return dest
 
 
