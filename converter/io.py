@@ -100,15 +100,22 @@ def _umask() -> int:
     return mask
 
 
+def replaceable(path: str | os.PathLike) -> Path:
+    """The file a finished temporary may be renamed onto: where a symbolic link points (the link stays), and
+    never a device node, FIFO, socket or folder, which a rename would replace (``-o /dev/full`` did)."""
+    path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file():
+        raise CaffeError(f"{path}: exists and is not a regular file (a folder, device, FIFO or socket); "
+                         "refusing to replace it")
+    return path
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over ``path``. The file gets the
     mode a plain ``open`` would give it (0666 less the umask), not mkstemp's private 0600."""
-    path = Path(path)
-    if path.is_symlink():  # write where the link points and keep the link, as a plain open() would
-        path = Path(os.path.realpath(path))
-    if path.exists() and not path.is_file():  # a rename would replace a device node, a FIFO or a socket
-        raise CaffeError(f"{path}: exists and is not a regular file (a folder, device, FIFO or socket); "
-                         "refusing to replace it")
+    path = replaceable(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         in_the_way = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)

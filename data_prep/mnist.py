@@ -238,7 +238,9 @@ def write_pair_lmdbs(images: np.ndarray, count: int, seed: int, image_db: str | 
     histogram = {axis: np.zeros(n, np.int64) for axis, n in (("x", 7), ("y", 7), ("z", 20), ("sfa", 2))}
     manifest_file = None
     if manifest is not None:
-        manifest_path = Path(manifest)
+        from converter.io import replaceable
+
+        manifest_path = replaceable(manifest)
         manifest_file = open(manifest_path.with_name(manifest_path.name + ".partial"), "w")  # noqa: SIM115
         manifest_file.write(MANIFEST_HEADER)
     done = 0
@@ -269,7 +271,7 @@ def write_pair_lmdbs(images: np.ndarray, count: int, seed: int, image_db: str | 
                 progress(done, count)
     if manifest_file is not None:
         manifest_file.close()
-        Path(manifest_file.name).replace(manifest)
+        Path(manifest_file.name).replace(manifest_path)
     return histogram
 
 

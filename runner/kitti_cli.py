@@ -13,6 +13,7 @@ from converter.errors import CaffeError
 from data_prep import kitti
 from runner.curves import read_curves
 from runner.flags import int32
+from runner.plot import save_figure
 
 
 def add_kitti_parsers(sub: argparse._SubParsersAction) -> None:
@@ -111,8 +112,10 @@ def plot_heads(csv_path: str | Path, output: str | Path, title: str = "", classe
     if title:
         axes[0, 0].set_title(title)
     fig.tight_layout()
-    fig.savefig(output, dpi=100)
-    plt.close(fig)
+    try:
+        save_figure(fig, output)
+    finally:
+        plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,6 +73,22 @@ def parse_log(path: str | Path) -> ParsedLog:
     return out
 
 
+def save_figure(fig, output: str | Path, dpi: int = 100) -> None:
+    """A matplotlib figure written whole or not at all (``atomic_write_bytes``: a special file such as
+    /dev/full is refused, a killed run leaves no half image), in the format its extension names."""
+    import io
+
+    from converter.io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fmt = Path(output).suffix.lstrip(".").lower() or "png"
+    try:
+        fig.savefig(buf, format=fmt, dpi=dpi)
+    except ValueError as e:
+        raise CaffeError(f"{output}: cannot draw to this file type ({e})") from None
+    atomic_write_bytes(output, buf.getvalue())
+
+
 def draw(parsed: ParsedLog, output: str | Path, title: str = "") -> None:
     try:
         import matplotlib
@@ -107,9 +123,7 @@ def draw(parsed: ParsedLog, output: str | Path, title: str = "") -> None:
         axes[0, 0].set_title(title)
     fig.tight_layout()
     try:
-        fig.savefig(output, dpi=100)
-    except OSError as e:
-        raise CaffeError(f"{output}: cannot write ({e.strerror})") from None
+        save_figure(fig, output)
     finally:
         plt.close(fig)
 

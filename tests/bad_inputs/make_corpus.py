@@ -350,7 +350,10 @@ def _kitti(dest: Path) -> None:
     (sun / "Testing_01.txt").write_bytes(b"/a/abbey/sun_3.jpg\n")
     (sun / "Training_02.txt").write_bytes(b"/a/abbey/sun_1.jpg\n/a/ab\x00bey/sun_2.jpg\n")
     (sun / "Testing_02.txt").write_bytes(b"/a/abbey/sun_3.jpg\n")
-    os.mkfifo(dest / "out" / "fifo")  # a write target that a rename would replace
+    os.mkfifo(dest / "out" / "fifo")  # write targets that a rename would replace
+    os.mkfifo(dest / "out" / "fifo.png")
+    (dest / "train_ok.log").write_text("I1204 10:00:00.000000 1 solver.cpp:239] Iteration 0 (0 iter/s, 0.1s/1 iters), "
+                                       "loss = 2.5\n")
 
 
 def generate(dest: str | Path) -> Path:
