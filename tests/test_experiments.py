@@ -183,12 +183,15 @@ def test_transfer_images_from_class_folders_and_tables(tmp_path, monkeypatch):
 
     exp = spec.load("transfer", "demo")
     monkeypatch.delenv("IMAGENET_DIR", raising=False)
-    monkeypatch.setenv("SUN_DIR", str(SUN))
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("SUN_DIR", os.path.relpath(SUN, ROOT))  # as the README writes it: ../shared/data/…
     # a missing ImageNet folder stops the experiment at the data stages, before any probe trains
     with pytest.raises(CaffeError, match="IMAGENET_DIR is not set"):
         engine.make_data(exp, engine.Place(tmp_path / "runs", tmp_path / "data"))
     lines = (tmp_path / "data" / "sun397" / "train_5_p1.txt").read_text().splitlines()
     assert len(lines) == 8 * 5 and lines[0].endswith(" 0") and "/train/aquarium/" in lines[0]
+    first = Path(lines[0].rsplit(" ", 1)[0])  # absolute: the lists are read from their own folder
+    assert first.is_absolute() and first.is_file()
     assert len((tmp_path / "data" / "sun397" / "test_10_p1.txt").read_text().splitlines()) == 80
     sun = exp.data_stage("sun").image_set
     sun.per_class[:] = [20]  # the thesis's 20 per class exceeds the sample's 10: refused in one line

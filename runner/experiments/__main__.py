@@ -7,6 +7,7 @@ a folder holding an experiment.prototxt. See runner/experiments/engine.py for th
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -16,6 +17,9 @@ from runner.experiments.spec import load
 
 
 def main(argv: list[str] | None = None) -> int:
+    # as the CLI: OpenCV's own warnings (an unreadable image) stay quiet, the run reports the failure itself;
+    # set before OpenCV loads, here and in every job process (they inherit the environment)
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
     parser = argparse.ArgumentParser(prog="python -m runner.experiments", description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=["train", "eval"])
     parser.add_argument("experiment", help="a folder of prototxt/ (mnist, kitti, transfer, …) or a path")

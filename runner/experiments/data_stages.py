@@ -111,7 +111,7 @@ def image_pools(p: experiment_pb2.ImageSetParameter) -> list[tuple[list[Sample],
     if not folder or not Path(folder).is_dir():
         raise CaffeError(f"{p.env} is not set or not a folder (got '{folder or ''}'): give the image folder, "
                          f"e.g. {p.env}=/path make eval EXP=transfer")
-    folder = Path(folder)
+    folder = Path(folder).resolve()  # the lists hold absolute paths: they are read from their own folder
     partitions = list(p.partition) or [1]
     if p.train_list:
         train = image_list(folder / p.train_list, folder / p.train_root)
