@@ -272,3 +272,25 @@ def test_kitti_experiment_pairs_labels_resume_and_rule(tmp_path, monkeypatch, ca
     assert main(["train", *argv]) == 0
     assert "KITTI-SFA: resuming from snap_iter_2.solverstate" in capfd.readouterr().out
     assert (runs / "KITTI-SFA" / "snap_iter_4.caffemodel").exists() and (runs / "KITTI-SFA" / "CHOSEN").exists()
+
+
+def test_a_data_stage_is_made_again_from_another_source_folder(tmp_path, monkeypatch):
+    """A stage is 'ready' only for the folder it was made from: pointing SUN_DIR elsewhere makes it again
+    (it used to reuse the first folder's lists silently)."""
+    if not SUN.is_dir():
+        pytest.skip("../shared/data/sun_subset8 is absent")
+    from runner.experiments import data_stages
+
+    stage = spec.load("transfer", "demo").data_stage("sun")
+    said: list[str] = []
+    monkeypatch.setenv("SUN_DIR", str(SUN))
+    data_stages.make(stage, tmp_path / "data", said.append)
+    data_stages.make(stage, tmp_path / "data", said.append)
+    copy = tmp_path / "sun_copy"
+    shutil.copytree(SUN, copy)
+    monkeypatch.setenv("SUN_DIR", str(copy))
+    data_stages.make(stage, tmp_path / "data", said.append)
+    assert [line.split(":")[0] + (" ready" if "is ready" in line else "") for line in said if line.startswith(
+        "data sun")] == ["data sun", "data sun ready", "data sun"]
+    listing = (tmp_path / "data" / stage.folder / "train_5_p1.txt").read_text()
+    assert str(copy) in listing and str(SUN) + "/" not in listing
