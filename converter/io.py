@@ -100,6 +100,11 @@ def _umask() -> int:
     return mask
 
 
+def _file_in_the_way(path: Path) -> Path | None:
+    """The first of ``path``'s existing ancestors that is not a folder (so nothing can be made under it)."""
+    return next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+
+
 def replaceable(path: str | os.PathLike) -> Path:
     """The file a finished temporary may be renamed onto: where a symbolic link points (the link stays), and
     never a device node, FIFO, socket or folder, which a rename would replace (``-o /dev/full`` did)."""
@@ -118,7 +123,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = replaceable(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
-        in_the_way = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        in_the_way = _file_in_the_way(path)
         raise CaffeError(f"{path}: {in_the_way} is a file, not a folder" if in_the_way is not None
                          else f"{path}: folder {folder} does not exist")
     try:
@@ -171,7 +176,7 @@ def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CaffeError(f"{path}: exists and is not a folder")
-    in_the_way = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    in_the_way = _file_in_the_way(path)
     if in_the_way is not None:
         raise CaffeError(f"{path}: cannot create the folder ({in_the_way} is a file)")
     try:

@@ -133,7 +133,6 @@ class CaffeNet(nn.Module):
         self.data_layers: list[DataLayer] = []
         self.blob_shapes: dict[str, Shape] = {}
         self.missing_shapes: list[MissingShapes] = []
-        self._bytes_needed = 0  # parameters + tops so far (see _check_memory)
         self.param_bytes = 0  # float32 bytes of the distinct learnable blobs (what a solver multiplies)
         self.top_bytes = 0  # float32 bytes of every top: one forward pass's activations
         self._build(net, shapes or {}, generator, allow_missing_shapes)
@@ -209,24 +208,16 @@ class CaffeNet(nn.Module):
         an allocator error halfway through the fillers.
         """
         limit = available_memory()
-        blobs = []
-        for i, spec in enumerate(layer.blob_specs()):
-            name = lp.param[i].name if i < len(lp.param) else ""
-            if not (name and name in param_index):
-                blobs.append((f"learnable blob {i}", tuple(spec.shape)))
-        blobs += [(f"top '{t}'", tuple(s)) for t, s in zip(lp.top, layer.top_shapes, strict=True)]
-        for what, shape in blobs:
-            size = FLOAT_BYTES * math.prod(shape)
-            if what.startswith("top"):
-                self.top_bytes += size
-            else:
-                self.param_bytes += size
-            if limit is None:
-                continue
+        params = [(f"learnable blob {i}", tuple(spec.shape)) for i, spec in enumerate(layer.blob_specs())
+                  if not (i < len(lp.param) and lp.param[i].name and lp.param[i].name in param_index)]
+        tops = [(f"top '{t}'", tuple(s)) for t, s in zip(lp.top, layer.top_shapes, strict=True)]
+        for what, shape in params + tops:
             check_fits(lp.name, lp.type, what, shape, limit)
-            self._bytes_needed += size
-        if limit is not None and self._bytes_needed > limit:
-            raise layer_error(lp.name, lp.type, f"the net needs at least {format_bytes(self._bytes_needed)} for its "
+        self.param_bytes += sum(FLOAT_BYTES * math.prod(shape) for _, shape in params)
+        self.top_bytes += sum(FLOAT_BYTES * math.prod(shape) for _, shape in tops)
+        total = self.param_bytes + self.top_bytes
+        if limit is not None and total > limit:
+            raise layer_error(lp.name, lp.type, f"the net needs at least {format_bytes(total)} for its "
                               f"parameters and blobs up to this layer, more than this machine's memory "
                               f"({format_bytes(limit)})")
 

@@ -260,7 +260,6 @@ class LMDBWriter:
         self.commit_every = commit_every
         self.skip_existing = skip_existing and mode == "append"
         self._created = not (self.path / "data.mdb").exists() or mode == "overwrite"
-        self._remove = False  # set when a fresh database could not commit anything: close() removes it
         self._prepare(mode)
         try:
             self.env = lmdb.open(str(self.path), map_size=map_size, subdir=True, sync=True, metasync=True,
@@ -350,8 +349,7 @@ class LMDBWriter:
                 self._pending.clear()
                 self._pending_keys.clear()
                 kept = f"the {entries:,} records committed are kept: free space, then rerun with --append to finish"
-                if entries == 0 and self._created:
-                    self._remove = True
+                if entries == 0 and self._created:  # close() removes it (the rule lives there)
                     kept = "nothing was committed, so the new database was removed"
                 raise LMDBWriteError(f"writing LMDB '{self.path}' failed ({e}): disk full or file size limit "
                                      f"reached? {kept}", entries) from None
@@ -368,10 +366,13 @@ class LMDBWriter:
             self.commit()
             if finished:
                 (self.path / INCOMPLETE_MARK).unlink(missing_ok=True)
+        except BaseException:
+            finished = False
+            raise
         finally:
-            if not finished and self._created and self.env.stat()["entries"] == 0:
-                self._remove = True  # a new database that got nothing before the failure is not left behind
+            # a new database that got nothing before a failure (here or in the block) is not left behind
+            remove = not finished and self._created and self.env.stat()["entries"] == 0
             self.env.close()
             self.env = None
-            if self._remove:
+            if remove:
                 shutil.rmtree(self.path, ignore_errors=True)

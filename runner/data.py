@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from converter import caffe_pb2
-from converter.errors import CaffeError, layer_error, prefixed
+from converter.errors import CaffeError, format_shape, layer_error, prefixed
 from converter.fillers import fill
 from converter.layers import layer_class
 from data_prep.datum import datum_shape, datum_to_array, decode_mode, image_to_chw, parse_datum
@@ -222,10 +222,9 @@ class _LMDBSource(_StridedSource):
                 datum = parse_datum(reader.get(key), key)
                 item = datum_to_array(datum, tf.force_color, tf.force_gray, key)
                 if item.shape != self.chw:
-                    raise CaffeError(f"record {key.decode(errors='replace')!r}: "
-                                     f"{'x'.join(map(str, item.shape))}, but the first record "
-                                     f"{self.first_key.decode(errors='replace')!r}, which shaped the net, is "
-                                     f"{'x'.join(map(str, self.chw))}: every record must have one shape")
+                    raise CaffeError(f"record {key.decode(errors='replace')!r}: {format_shape(item.shape)}, but the "
+                                     f"first record {self.first_key.decode(errors='replace')!r}, which shaped the "
+                                     f"net, is {format_shape(self.chw)}: every record must have one shape")
                 items.append(item)
                 labels[j] = datum.label
         data = alloc(tf.batch_shape(items))

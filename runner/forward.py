@@ -65,7 +65,7 @@ def _check_npy_header(f, what: str) -> None:
     body = os.fstat(f.fileno()).st_size - f.tell()
     need = int(np.prod(shape, dtype=object)) * dtype.itemsize if dtype.itemsize else 0
     if need > body:
-        raise CaffeError(f"{what} (its header declares shape {'x'.join(map(str, shape)) or 'scalar'} of "
+        raise CaffeError(f"{what} (its header declares shape {format_shape(shape)} of "
                          f"{dtype}, {need:,} bytes, but the file holds {body:,} after the header)")
     f.seek(0)
 
@@ -139,7 +139,7 @@ def run_forward(net: CaffeNet, inputs: dict[str, torch.Tensor], backward: bool,
     return graph.blobs, blob_diffs, param_diffs, graph.loss.detach()
 
 
-def _check_declared_shapes(proto, phase: int, inputs: dict[str, torch.Tensor], files: dict[str, str]) -> None:
+def _check_declared_shapes(proto, inputs: dict[str, torch.Tensor], files: dict[str, str]) -> None:
     """An array whose shape differs from the one its layer declares (Input, DummyData, MemoryData) is
     refused before the net is built, as Caffe's CLI would (it never reshapes a net to its input): a silent
     reshape hides a wrong file."""
@@ -186,7 +186,7 @@ def forward(args: argparse.Namespace) -> int:
     proto = filter_net(proto, net_state(args.phase, 0, args.stage), args.model)
     phase = proto.state.phase
     inputs = {name: _load_array(name, path) for name, path in args.input}
-    _check_declared_shapes(proto, phase, inputs, dict(args.input))
+    _check_declared_shapes(proto, inputs, dict(args.input))
     sourced = [lp for lp in proto.layer if lp.type in ("Data", "ImageData")]
     shapes = {**(input_shapes(proto, phase) if sourced else {}), **{n: tuple(t.shape) for n, t in inputs.items()}}
     net = CaffeNet(proto, shapes)

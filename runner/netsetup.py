@@ -3,6 +3,7 @@ Caffe's output order, weight sharing between the train and test nets, comma-sepa
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -62,6 +63,14 @@ def share_trained_layers(target: CaffeNet, source: CaffeNet) -> None:
             target.params[u.learnable] = source.params[s.learnable]
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def pick_device(gpu: str | None, log: Log) -> torch.device:
     ids = distributed.parse_gpus(gpu)
     if not ids:
@@ -105,7 +114,6 @@ def check_training_memory(net: CaffeNet, test_nets: list[CaffeNet], sp: caffe_pb
     if need > limit:
         raise CaffeError(f"training needs at least {format_bytes(need)}, more than this machine's memory "
                          f"({format_bytes(limit)}): {format_bytes(params)} of parameters x {copies} (weights, "
-                         f"gradients, "
-                         f"{histories} {sp.type} histor{'ies' if histories > 1 else 'y'}"
+                         f"gradients, {histories} {sp.type} histor{'ies' if histories > 1 else 'y'}"
                          f"{', the L1 sign' if copies > 2 + histories else ''}), activations and their gradients "
                          f"{format_bytes(passes)}, test nets {format_bytes(tests)}; use a smaller net or batch")

@@ -38,7 +38,14 @@ from converter.net import CaffeNet
 from converter.weights import copy_trained_layers, load_weights, save_weights
 from runner import distributed
 from runner.logs import Csv, Log, LogBridge
-from runner.netsetup import check_training_memory, input_shapes, output_order, pick_device, share_trained_layers
+from runner.netsetup import (
+    check_training_memory,
+    input_shapes,
+    output_order,
+    pick_device,
+    share_trained_layers,
+    usable_cpus,
+)
 from runner.solver import Solver, check_solver, fmt
 from runner.solver_nets import test_nets, train_net
 
@@ -433,7 +440,7 @@ def train(args: argparse.Namespace) -> int:
     if args.snapshot and args.weights:
         raise CaffeError("give --snapshot or --weights, not both (Caffe refuses them together)")
     if args.workers is None:  # a GPU waits for data read in its own process: read ahead in workers
-        args.workers = min(4, max(0, len(os.sched_getaffinity(0)) - 1)) if args.gpu else 0
+        args.workers = min(4, usable_cpus() - 1) if args.gpu else 0
     if args.workers < 0:
         raise CaffeError(f"--workers must be >= 0 (0: read data in the main process), got {args.workers}")
     opts = TrainOptions(weights=[args.weights] if args.weights else [], snapshot=args.snapshot, gpu=args.gpu,

@@ -104,8 +104,10 @@ class _Run(torch.autograd.Function):
         for blob in layer.bottom_blobs:
             blob.diff = np.zeros_like(blob.data)
         layer.impl.backward(layer.top_blobs, list(ctx.needs), layer.bottom_blobs)
-        grads = [torch.from_numpy(np.array(b.diff, np.float32)) if need else None
-                 for b, need in zip(layer.bottom_blobs, ctx.needs, strict=True)]
-        param_grads = [torch.from_numpy(np.array(b.diff, np.float32)) if need else None
-                       for b, need in zip(layer.impl.blobs, ctx.param_needs, strict=True)]
-        return (None, None, *grads, *param_grads)
+        return (None, None, *_diffs(layer.bottom_blobs, ctx.needs), *_diffs(layer.impl.blobs, ctx.param_needs))
+
+
+def _diffs(blobs: list[Blob], needs: list[bool]) -> list[torch.Tensor | None]:
+    """The blobs' ``diff`` arrays as gradients, None where autograd asked for none."""
+    return [torch.from_numpy(np.array(b.diff, np.float32)) if need else None
+            for b, need in zip(blobs, needs, strict=True)]

@@ -14,6 +14,7 @@ import time
 from converter.errors import CaffeError
 from runner.experiments import engine
 from runner.experiments.spec import load
+from runner.netsetup import usable_cpus
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.jobs < 0 or args.threads < 1:
             raise CaffeError(f"--jobs must be 0 (automatic) or more and --threads 1 or more, "
                              f"got --jobs {args.jobs} --threads {args.threads}")
-        jobs = args.jobs or (1 if args.gpu else max(1, engine.usable_cpus() // args.threads))
+        jobs = args.jobs or (1 if args.gpu else max(1, usable_cpus() // args.threads))
         exp = load(args.experiment, args.scale)
         place = engine.Place.of(exp, args.runs, args.data)
         engine.say(f"{exp.name} at scale {exp.scale}: runs in {place.runs}, data in {place.data}; "

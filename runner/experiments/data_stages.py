@@ -28,24 +28,25 @@ def make(stage: experiment_pb2.DataStage, root: Path, echo: Echo) -> None:
     out = root / stage.folder if stage.folder else root
     out.mkdir(parents=True, exist_ok=True)
     marker = out / f"READY_{stage.name}.prototxt"
+    which = _generator(stage)
     # the parameters and the folder the data came from: another KITTI_DIR, SUN_DIR, … makes the stage again
-    wanted = text_format.MessageToString(stage) + f"# source: {_source(stage)}\n"
+    wanted = text_format.MessageToString(stage) + f"# source: {_source(stage, which)}\n"
     if marker.exists() and marker.read_text() == wanted:
         echo(f"data {stage.name}: {out} is ready")
         return
-    which = _generator(stage)
     start = time.perf_counter()
     GENERATORS[which](getattr(stage, which), out, echo)
     marker.write_text(wanted)
     echo(f"data {stage.name}: made in {time.perf_counter() - start:.0f} s ({out})")
 
 
-def _source(stage: experiment_pb2.DataStage) -> str:
-    """``VAR=/resolved/folder`` of the environment variable the stage's generator reads (or ``VAR=`` unset)."""
-    params = getattr(stage, _generator(stage))
-    var = getattr(params, "env", "") or ("MNIST_DIR" if _generator(stage).startswith("mnist") else "")
-    value = os.environ.get(var, "") if var else ""
-    return f"{var}={Path(value).resolve() if value else ''}" if var else ""
+def _source(stage: experiment_pb2.DataStage, which: str) -> str:
+    """``VAR=/resolved/folder`` of the environment variable generator ``which`` reads (``VAR=`` when unset)."""
+    var = getattr(getattr(stage, which), "env", "") or ("MNIST_DIR" if which.startswith("mnist") else "")
+    if not var:
+        return ""
+    value = os.environ.get(var)
+    return f"{var}={Path(value).resolve() if value else ''}"
 
 
 def _generator(stage: experiment_pb2.DataStage) -> str:

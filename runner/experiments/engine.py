@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -349,14 +348,6 @@ def run_jobs(fn: Callable, jobs: list[tuple], workers: int, threads: int, done: 
                 results[k] = future.result()
                 done(len(results), jobs[k], results[k])
     return [results[k] for k in range(len(jobs))]
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity), not the machine's count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def stage_jobs(exp: Experiment, stage: int) -> list[Job]:
