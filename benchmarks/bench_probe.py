@@ -5,8 +5,11 @@ seeded random weights, exported with the thesis's probe blobs (norm1, norm2, con
 outputs. Both engines get the same float32 batches of real ImageNet sample images (decoded and transformed
 once, outside the timed region), the same thread count, and are interleaved (alternating which goes
 first) so that drift of a shared machine hits both alike; medians are reported. The goal is ORT >= 1.5x
-the module's images/s on the CPU. Then one thesis probe per layer is trained on the extracted features
-(``--probe-iters`` iterations of batch 125, 8 classes) and its seconds per iteration are reported.
+the module's images/s on the CPU. A profile of both (ORT's node trace, torch's profiler) then splits each
+batch into convolution time and the rest and sets the convolutions' GFLOP/s beside the GEMM peak measured in
+the same run: the module's time over ORT's convolution time alone is the most ORT could gain. Then one
+thesis probe per layer is trained on the extracted features (``--probe-iters`` iterations of batch 125,
+8 classes) and its seconds per iteration are reported.
 
 Writes ``benchmarks/results/probe.{md,json}`` (the table also to stderr) and prints one JSON line.
 
@@ -16,6 +19,7 @@ Writes ``benchmarks/results/probe.{md,json}`` (the table also to stderr) and pri
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import sys
@@ -37,7 +41,8 @@ from runner.probe import ProbeConfig, train_probe  # noqa: E402
 from runner.probe_data import ImageSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, figure, ref  # noqa: E402
+from common import emit, figure, net_forward_flops, ref  # noqa: E402
+from gemm_peak import peak_gflops  # noqa: E402
 
 BCNN = ROOT / "prototxt" / "kitti" / "bcnn_deploy.prototxt"
 IMAGENET = ROOT.parent / "shared" / "data" / "imagenet_samples"
@@ -89,6 +94,11 @@ def main() -> int:
     ips = {k: args.batch / statistics.median(v) for k, v in times.items()}
     ratio = ips["ort"] / ips["torch"]
 
+    split = conv_split(path, args.threads, x, xt, module)
+    conv_gflop = net_forward_flops(net) / len(x) * args.batch / 1e9
+    peak = peak_gflops(args.threads, runs=3, n=2048)
+    bound = split["torch"]["total"] / split["ort"]["conv"]
+
     features = dict(zip(BLOBS, (v.reshape(len(x), -1) for v in run_ort()), strict=True))
     labels = torch.arange(len(x)) % 8
     probe_s = {}
@@ -107,19 +117,57 @@ def main() -> int:
              "| probe (thesis definition, batch 125) | s / iteration |", "|---|---|"]
     lines += [f"| {blob} ({'MLP 1000' if i >= 2 else 'linear'}, {features[blob].shape[1]} features) | {s:.4f} |"
               for i, (blob, s) in enumerate(probe_s.items())]
+    lines += ["", f"Where the time goes (profiled, ms per batch of {args.batch}; {conv_gflop:.1f} GFLOP of convolution "
+              f"per batch; GEMM peak in this run {peak:.0f} GFLOP/s):", "",
+              "| engine | convolutions | convolution GFLOP/s | everything else | total |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {s['conv']:.1f} | {conv_gflop / s['conv'] * 1e3:.0f} | {s['total'] - s['conv']:.1f} | "
+              f"{s['total']:.1f} |" for name, s in split.items()]
+    lines += ["", f"ORT with nothing but its convolutions would be {bound:.2f}x the module (the goal's ceiling here)."]
     text = "\n".join(lines) + "\n"
     print(text, file=sys.stderr)
     torch_ips = ips["torch"]
     figures = [figure(f"ONNX Runtime feature extraction, BCNN batch {args.batch}, {args.threads} threads",
                       [args.batch / t for t in times["ort"]], "images/s",
                       ref("the PyTorch module (CaffeNet), same run", "measured", torch_ips),
-                      ref("goal: 1.5x the module", "goal", GOAL * torch_ips), higher_is_better=True),
+                      ref("goal: 1.5x the module", "goal", GOAL * torch_ips), higher_is_better=True,
+                      note=f"ORT's convolutions alone take {split['ort']['conv']:.1f} ms of its "
+                           f"{split['ort']['total']:.1f} ms per batch ({conv_gflop / split['ort']['conv'] * 1e3:.0f} "
+                           f"GFLOP/s; GEMM peak {peak:.0f}); the module takes {split['torch']['total']:.1f} ms, "
+                           f"so ORT could reach at most {bound:.2f}x"),
                figure(f"PyTorch module (CaffeNet) feature extraction, batch {args.batch}",
                       [args.batch / t for t in times["torch"]], "images/s", higher_is_better=True)]
     emit("probe", figures, {"threads": args.threads, "batch": args.batch, "images_per_s": ips, "ratio": ratio,
-                            "probe_s_per_iter": probe_s}, text)
+                            "probe_s_per_iter": probe_s, "profile_ms_per_batch": split,
+                            "conv_gflop_per_batch": conv_gflop, "gemm_peak_gflops": peak, "ort_ceiling": bound}, text)
     path.unlink()
     return 0
+
+
+def conv_split(path: Path, threads: int, x, xt: torch.Tensor, module, runs: int = 3) -> dict[str, dict[str, float]]:
+    """ms per batch in convolutions and in total, for ORT (its node trace: Conv nodes, fused or not, against
+    all nodes) and the module (torch's profiler: the convolution kernels against all self time)."""
+    from torch.profiler import profile
+
+    session = ort_session(path, threads=threads, profile_prefix=str(RESULTS / "bcnn_ort_profile"))
+    for _ in range(runs + 1):
+        session.run(BLOBS, {"data": x})
+    trace = Path(session.end_profiling())
+    nodes = [e for e in json.loads(trace.read_text()) if e.get("cat") == "Node"
+             and e["name"].endswith("_kernel_time")]
+    trace.unlink()
+    per_run = 1e-3 / (runs + 1)  # us -> ms, warm-up included in the trace: averaged over every run
+    ort_ms = {"conv": sum(e["dur"] for e in nodes if e["args"].get("op_name") == "Conv") * per_run,
+              "total": sum(e["dur"] for e in nodes) * per_run}
+    with torch.no_grad():
+        module({"data": xt})
+        with profile() as prof:
+            for _ in range(runs):
+                module({"data": xt})
+    events = prof.key_averages()
+    conv_us = sum(e.self_cpu_time_total for e in events if "convolution" in e.key and e.key.startswith("aten::mkldnn")
+                  or e.key in ("aten::_convolution_cpu", "aten::slow_conv2d_forward", "aten::thnn_conv2d"))
+    torch_ms = {"conv": conv_us / 1e3 / runs, "total": sum(e.self_cpu_time_total for e in events) / 1e3 / runs}
+    return {"ort": ort_ms, "torch": torch_ms}
 
 
 if __name__ == "__main__":

@@ -38,8 +38,9 @@ def max_rel_error(actual: np.ndarray, expected: np.ndarray) -> float:
 
 
 def ort_session(model: onnx.ModelProto | bytes | str | Path, providers: list[str] | None = None,
-                threads: int = 0):
-    """An onnxruntime InferenceSession (CPU unless ``providers`` says otherwise)."""
+                threads: int = 0, profile_prefix: str | None = None):
+    """An onnxruntime InferenceSession (CPU unless ``providers`` says otherwise); with ``profile_prefix`` it
+    records every node's time (``end_profiling()`` writes the JSON trace there)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -49,6 +50,9 @@ def ort_session(model: onnx.ModelProto | bytes | str | Path, providers: list[str
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else \
         (str(model) if isinstance(model, Path) else model)
     return ort.InferenceSession(source, opts, providers=providers or ["CPUExecutionProvider"])

@@ -271,6 +271,27 @@ def test_pooling_shapes_and_within_channel_lrn_by_hand():
     np.testing.assert_allclose(lrn, x * (1 + 0.5 * window) ** -0.75, rtol=1e-5, atol=1e-6)
 
 
+ACROSS_NET = """
+name: "across"
+layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 dim: 5 dim: 6 } } }
+layer { name: "few" type: "LRN" bottom: "x" top: "few" lrn_param { local_size: 5 alpha: 0.5 beta: 0.75 k: 2 } }
+"""
+
+
+@pytest.mark.parametrize("channels", [3, 9])
+def test_across_channels_lrn_export_by_hand(channels):
+    """The traced ACROSS_CHANNELS form (an average pool over the channel axis, exp/log power) is Caffe's formula,
+    also with fewer channels than local_size (the window is clipped: missing channels add nothing)."""
+    proto = parse_net(ACROSS_NET.replace("dim: 3", f"dim: {channels}"))
+    net, plan = _build(proto, ["few"])
+    model, _ = export_plan(net, plan)
+    x = np.random.default_rng(1).standard_normal((4, channels, 5, 6)).astype(np.float32) * 3
+    (y,) = ort_session(model).run(None, {"x": x})
+    sq = x.astype(np.float64) ** 2
+    window = np.stack([sq[:, max(0, c - 2):c + 3].sum(1) for c in range(channels)], axis=1)
+    np.testing.assert_allclose(y, x * (2 + 0.5 / 5 * window) ** -0.75, rtol=2e-6, atol=1e-7)
+
+
 def test_max_rel_error_rules():
     e = np.array([1.0, -2.0, -np.finfo(np.float32).max, np.nan], np.float32)
     assert max_rel_error(e, e) == 0

@@ -423,6 +423,14 @@ class LRN(Layer):
         if self.region == Norm.WITHIN_CHANNEL:
             mean = F.avg_pool2d(square, n, 1, pre_pad, False, True)
             scale = 1 + self.alpha * mean
+        elif torch.onnx.is_in_onnx_export():
+            # Traced for ONNX Runtime: the channel window as one average pool over the (C, H*W) plane and
+            # the power as exp(-beta * log): 2.2 ms instead of 6.7 ms for the BCNN's norm1 at batch 16
+            # (ORT's own LRN operator, the same formula, takes 15 ms there). Equal to ~1e-7 relative.
+            batch, channels, height, width = x.shape
+            planes = square.reshape(batch, 1, channels, height * width)
+            mean = F.avg_pool2d(planes, (n, 1), 1, (pre_pad, 0), False, True).reshape(x.shape)
+            return [x * torch.exp(torch.log(self.k + self.alpha * mean) * -self.beta)]
         else:
             # The window sum as n shifted slices of the zero-padded squares (Caffe accepts fewer channels
             # than local_size): n cheap adds, where a 3-D average pool pays per-plane overhead on the small
