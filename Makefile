@@ -57,7 +57,8 @@ proto: $(STAMP)
 
 # All measurements, each writing benchmarks/results/<name>.{md,json} and printing one JSON line: the GEMM
 # peak of the machine; converted CaffeNet vs hand-written PyTorch on the timing nets and AlexNet build time;
-# the MNIST pair generator and egomotion training speed, and the profile of one iteration; the KITTI pair
+# the MNIST pair generator and egomotion training speed, the data path alone, two jobs sharing the CPUs, and
+# the profile of one iteration; the KITTI pair
 # generator; ONNX Runtime feature extraction; 10,000 fuzz cases per reader. Last, benchmarks/report.py
 # collects them into BENCHMARKS.md. BENCH_FLAGS=--quick: fewer KITTI-net iterations.
 bench: $(STAMP)
@@ -65,6 +66,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_converter.py $(BENCH_FLAGS)
 	$(PY) benchmarks/bench_mnist.py
 	$(PY) benchmarks/bench_data_path.py
+	$(PY) benchmarks/bench_shared.py
 	$(PY) benchmarks/profile_mnist.py
 	$(PY) benchmarks/bench_kitti.py
 	$(PY) benchmarks/bench_probe.py

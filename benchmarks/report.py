@@ -20,18 +20,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, ROOT, machine  # noqa: E402
 
-ORDER = ["gemm_peak", "converter", "mnist", "data_path", "profile", "kitti", "probe", "fuzz"]
+ORDER = ["gemm_peak", "converter", "mnist", "data_path", "shared", "profile", "kitti", "probe", "fuzz"]
 TITLES = {"gemm_peak": "GEMM peak (the reference for the hardware's speed)",
           "converter": "Converted nets vs hand-written PyTorch (forward + backward)",
           "mnist": "MNIST experiment: pair generator and egomotion pre-training",
           "data_path": "The data path alone: MNIST pairs per second through NetFeeder",
+          "shared": "Jobs that share the machine: two `egomotion time` side by side",
           "profile": "Profile of one MNIST egomotion iteration",
           "kitti": "KITTI pair generator (and training, with --train)",
           "probe": "Probe pipeline: ONNX Runtime vs the PyTorch module",
           "fuzz": "Fuzzing the readers (hypothesis)"}
 KIND = {"measured": "same run", "caffe": "Caffe, caffe-times.md", "goal": "goal"}
 SCRIPTS = {"converter": "bench_converter.py", "mnist": "bench_mnist.py", "kitti": "bench_kitti.py",
-           "probe": "bench_probe.py", "profile": "profile_mnist.py"}
+           "probe": "bench_probe.py", "profile": "profile_mnist.py", "shared": "bench_shared.py",
+           "data_path": "bench_data_path.py"}
 NOTES = Path(__file__).resolve().parent / "optimizations.md"
 
 

@@ -35,13 +35,16 @@ class Parser(argparse.ArgumentParser):
 
 
 def _python_flag(p: argparse.ArgumentParser) -> None:
-    """The flags of every verb that builds a net: Python layers (opt-in) and the convolution engine."""
+    """The flags of every verb that builds a net: Python layers (opt-in), the convolution engine, threads."""
     p.add_argument("--allow-python-layers", action="store_true",
                    help="run nets with type: \"Python\" layers (python_param names a module and class that are "
                    "imported and run: only for files you trust)")
     p.add_argument("--engine", choices=["default", "caffe", "cudnn"], default=None,
                    help="engine of the Convolution layers that leave engine at DEFAULT: caffe = im2col + GEMM "
                    "(Caffe's own), cudnn/default = torch's convolution (cuDNN on a GPU)")
+    p.add_argument("--threads", type=int32, default=None,
+                   help="intra-op CPU threads (default: OMP_NUM_THREADS, else the CPUs this process may use, "
+                   "shared with the other egomotion jobs running on them); a fixed count fixes the last bits")
 
 
 def _shape(text: str) -> tuple[str, tuple[int, ...]]:
@@ -191,6 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"{e.prog}: error: {e} (see {e.prog} --help)", file=sys.stderr)
         return 2
+    from runner.threads import omp_num_threads
+
+    try:  # before torch loads: libgomp would warn about it on stderr
+        omp_num_threads()
+    except CaffeError as e:
+        print(f"egomotion {args.verb}: error: {e}", file=sys.stderr)
+        return 2
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.entry = main  # what a multi-GPU training spawns in each process
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -200,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     allow_python_layers(getattr(args, "allow_python_layers", False))
     set_net_engine(getattr(args, "engine", None))
     try:
+        if hasattr(args, "threads"):  # the verbs that compute
+            from runner import threads as cpu_threads
+
+            cpu_threads.start(args.threads)
         if getattr(args, "handler", None):  # subcommands that carry their own handler (data kitti-pairs, ...)
             return args.handler(args)
         module, function = VERBS[args.verb]
@@ -216,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         allow_python_layers(False)
         set_net_engine(None)
+        if hasattr(args, "threads"):
+            from runner import threads as cpu_threads
+
+            cpu_threads.stop()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ Caffe's output order, weight sharing between the train and test nets, comma-sepa
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -63,15 +62,22 @@ def share_trained_layers(target: CaffeNet, source: CaffeNet) -> None:
             target.params[u.learnable] = source.params[s.learnable]
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity), not the machine's count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def pick_device(gpu: str | None, log: Log) -> torch.device:
+    """The verb's device, logged as Caffe does (``Use CPU.`` / ``Use GPU with device ID``) after the thread
+    choice; a device that cannot be used is an error before anything is logged."""
+    from runner import threads
+
+    device = cuda_device(gpu)
+    if threads.describe():
+        log.line("threads.py:1", f"Using {threads.describe()}")
+    if device.type == "cpu":
+        log.line("caffe.cpp:268", "Use CPU.")
+    else:
+        log.line("caffe.cpp:253", f"Use GPU with device ID {device.index}")
+    return device
+
+
+def cuda_device(gpu: str | None) -> torch.device:
     ids = distributed.parse_gpus(gpu)
     if not ids:
         return torch.device("cpu")

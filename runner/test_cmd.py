@@ -19,6 +19,7 @@ from converter.errors import CaffeError
 from converter.io import filter_net, net_state, read_net
 from converter.net import CaffeNet
 from converter.weights import load_weights
+from runner import threads
 from runner.logs import Log, glog_session
 from runner.netsetup import comma_list, input_shapes, output_order, pick_device
 from runner.solver import fmt
@@ -65,6 +66,7 @@ def score(model: str, weights: list[str], iterations: int, gpu: str | None = Non
         owners: list[str] = []
         with NetFeeder(proto, phase_id, device=str(device)) as feeder, torch.no_grad():
             for i in range(iterations):
+                threads.rebalance(log)
                 blobs = net(feeder.next())
                 loss = f32(loss + f32(float(net.loss(blobs))))
                 values = []

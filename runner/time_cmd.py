@@ -19,6 +19,7 @@ from converter.errors import CaffeError
 from converter.io import filter_net, net_state, read_net
 from converter.net import CaffeNet
 from converter.weights import load_weights
+from runner import threads
 from runner.logs import Log, glog_session
 from runner.netsetup import comma_list, input_shapes, pick_device
 from runner.solver import fmt
@@ -126,6 +127,7 @@ def time_net(model: str, iterations: int = 50, gpu: str | None = None, phase: st
             total_fwd = total_bwd = 0.0
             total_start = clock.now()
             for j in range(iterations):
+                threads.rebalance(log)
                 t0 = clock.now()
                 inputs = _inputs(net, feeder, device)
                 data_time = clock.now() - t0
@@ -150,6 +152,7 @@ def time_net(model: str, iterations: int = 50, gpu: str | None = None, phase: st
             # the way training runs it: one graph, one backward
             start = clock.now()
             for _ in range(iterations):
+                threads.rebalance(log)
                 for p in net.params:
                     p.grad = None
                 blobs = net(_inputs(net, feeder, device))

@@ -36,7 +36,7 @@ from converter.errors import CaffeError
 from converter.io import read_binary, read_net, read_solver, write_message
 from converter.net import CaffeNet
 from converter.weights import copy_trained_layers, load_weights, save_weights
-from runner import distributed
+from runner import distributed, threads
 from runner.logs import Csv, Log, LogBridge
 from runner.netsetup import (
     check_training_memory,
@@ -44,10 +44,10 @@ from runner.netsetup import (
     output_order,
     pick_device,
     share_trained_layers,
-    usable_cpus,
 )
 from runner.solver import Solver, check_solver, fmt
 from runner.solver_nets import test_nets, train_net
+from runner.threads import usable_cpus
 
 SIGNAL_EFFECTS = ("stop", "snapshot", "none")
 
@@ -159,6 +159,7 @@ class Trainer:
                 self.stopped_early = True
                 break
             self.show_progress(smoothed)
+            threads.rebalance(self.log)
 
     def forward_backward(self, it: int) -> tuple[float, dict[str, torch.Tensor]]:
         """``iter_size`` × ``Net::ForwardBackward`` (diffs accumulate); the mean loss (float sums, as Caffe)
@@ -371,6 +372,7 @@ class Trainer:
                 request = self.signals.request()
             if self.stopped_early:
                 break
+            threads.rebalance(self.log)
             blobs = net(feeder.next())
             if sp.test_compute_loss:
                 loss = f32(loss + f32(float(net.loss(blobs))))

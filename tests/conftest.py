@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -14,3 +16,9 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# Every verb run by the suite (in-process or as a subprocess) uses one intra-op thread: results that do not
+# depend on what else runs on the machine, and no oversubscription. tests/test_threads.py covers the
+# automatic choice with this variable removed.
+os.environ["OMP_NUM_THREADS"] = "1"

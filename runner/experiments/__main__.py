@@ -14,7 +14,7 @@ import time
 from converter.errors import CaffeError
 from runner.experiments import engine
 from runner.experiments.spec import load
-from runner.netsetup import usable_cpus
+from runner.threads import usable_cpus
 
 
 def main(argv: list[str] | None = None) -> int:
