@@ -22,18 +22,15 @@ batches, all layers in lock-step (batch ``b`` of every layer is produced togethe
 ``transform_param`` is :class:`data_prep.transform.Transformer`. All randomness of batch ``b`` of the
 data layer at index ``i`` comes from ``numpy.random.default_rng([seed, phase, i, b])``, so a seeded
 run is bit-reproducible and independent of the number of worker processes; ``workers > 0`` prefetches
-batches in worker processes (``torch.utils.data.DataLoader``, as Caffe's ``prefetch`` threads), with
-pinned memory when the target device is CUDA. Sources are opened relative to the working directory,
-as Caffe opens them.
+batches in worker processes (:mod:`runner.prefetch`: a ring of shared-memory slots, as Caffe's ``prefetch``
+threads fill theirs), copied out into pinned memory when the target device is CUDA. Sources are opened
+relative to the working directory, as Caffe opens them.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import math
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -48,6 +45,7 @@ from data_prep.datum import datum_shape, datum_to_array, decode_mode, image_to_c
 from data_prep.imageset import read_image, read_list
 from data_prep.lmdb_io import RESTART_MESSAGE, LMDBReader, acquire_reader, incomplete, release_reader
 from data_prep.transform import Transformer
+from runner.prefetch import Prefetcher
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +57,6 @@ _UNSUPPORTED = {
                 "(data_prep.lmdb_io.LMDBWriter with data_prep.datum.array_to_datum)",
     "WindowData": "window sampling for detection is not implemented",
 }
-_ERROR_KEY = "__caffe_error__"
 
 
 def _what(lp: caffe_pb2.LayerParameter) -> str:
@@ -118,29 +115,12 @@ def data_layer_shapes(lp: caffe_pb2.LayerParameter, phase: int) -> dict[str, Sha
 # ---------------------------------------------------------------------------------------------
 # Sources: one per data layer; picklable, opened lazily in whichever process reads them
 # ---------------------------------------------------------------------------------------------
-Alloc = Callable[[Shape], torch.Tensor]
-
-
-def _plain_empty(shape: Shape) -> torch.Tensor:
-    return torch.empty(shape, dtype=torch.float32)
-
-
-def _shared_empty(shape: Shape) -> torch.Tensor:
-    """A float32 tensor born in shared memory: a worker's batch then crosses to the main process
-    without the copy torch makes when it moves an ordinary tensor into shared memory."""
-    try:
-        storage = torch.UntypedStorage._new_shared(4 * math.prod(shape))
-        return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
-    except (AttributeError, RuntimeError, TypeError):  # private API gone: share the ordinary way
-        return torch.empty(shape, dtype=torch.float32).share_memory_()
-
-
 class _Source:
     tops: list[str]
     shapes: dict[str, Shape]
 
-    def load(self, b: int, rng: np.random.Generator, alloc: Alloc) -> dict[str, np.ndarray | torch.Tensor]:
-        """Batch ``b``; the (large) data top is written into ``alloc(shape)``."""
+    def load(self, b: int, rng: np.random.Generator) -> dict[str, np.ndarray | torch.Tensor]:
+        """Batch ``b`` of this layer's tops."""
         raise NotImplementedError
 
     def restarts(self, b: int) -> int:
@@ -211,7 +191,7 @@ class _LMDBSource(_StridedSource):
             release_reader(self._reader[1])
         self._reader = None
 
-    def load(self, b, rng, alloc):
+    def load(self, b, rng):
         reader = self.reader()
         n = len(self.keys)
         items, labels = [], np.empty(self.batch, dtype=np.float32)
@@ -227,7 +207,7 @@ class _LMDBSource(_StridedSource):
                                      f"net, is {format_shape(self.chw)}: every record must have one shape")
                 items.append(item)
                 labels[j] = datum.label
-        data = alloc(tf.batch_shape(items))
+        data = torch.empty(tf.batch_shape(items), dtype=torch.float32)
         tf(items, rng, out=data.numpy())
         out = {self.tops[0]: data}
         if len(self.tops) > 1:
@@ -286,11 +266,11 @@ class _ImageListSource(_StridedSource):
         img = read_image(self.root + path, self.height, self.width, self.is_color, f"{self.what}: {self.listfile}:{n}")
         return image_to_chw(img, path)
 
-    def load(self, b, rng, alloc):
+    def load(self, b, rng):
         indices = [self.line(int(o)) for o in self.offsets(b)]
         items = [self.image(i) for i in indices]
         labels = np.array([self.lines[i][1] for i in indices], dtype=np.float32)
-        data = alloc(self.transformer.batch_shape(items))
+        data = torch.empty(self.transformer.batch_shape(items), dtype=torch.float32)
         self.transformer(items, rng, out=data.numpy())
         return {self.tops[0]: data, self.tops[1]: labels}
 
@@ -311,7 +291,7 @@ class _DummySource(_Source):
                       for t, f in self.fillers.items() if f.type == "constant"}
         self.what = _what(lp)
 
-    def load(self, b, rng, alloc):
+    def load(self, b, rng):
         out = {}
         for t, f in self.fillers.items():
             if t in self.fixed:
@@ -328,8 +308,6 @@ class _DummySource(_Source):
 class _Batches(torch.utils.data.Dataset):
     """Batch ``b`` of every source, as CPU float32 tensors; usable as a DataLoader map-style dataset."""
 
-    alloc: Alloc = staticmethod(_plain_empty)
-
     def __init__(self, sources: list[tuple[int, _Source]], seed: int, phase: int):
         self.sources, self.seed, self.phase = sources, seed, phase
 
@@ -337,26 +315,13 @@ class _Batches(torch.utils.data.Dataset):
         out: dict[str, torch.Tensor] = {}
         for index, source in self.sources:
             rng = np.random.default_rng([self.seed, self.phase, index, b])
-            for top, value in source.load(b, rng, self.alloc).items():
+            for top, value in source.load(b, rng).items():
                 out[top] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32)) \
                     if isinstance(value, np.ndarray) else value
         return out
 
 
-class _WorkerBatches(_Batches):
-    """In worker processes: batches born in shared memory; a CaffeError travels back as a value, so
-    the user sees its one line."""
-
-    alloc: Alloc = staticmethod(_shared_empty)
-
-    def __getitem__(self, b):
-        try:
-            return super().__getitem__(b)
-        except CaffeError as e:
-            return {_ERROR_KEY: str(e)}
-
-
-def _worker_init(_: int) -> None:
+def _worker_init() -> None:
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
 
@@ -397,20 +362,12 @@ class NetFeeder:
         self._iter = None  # the worker pool, started by the first next()
 
     def _start_workers(self) -> None:
-        # A private generator: without one, the DataLoader draws its workers' base seed from torch's global
-        # stream, the one dropout and the fillers draw from, and the worker count would change the numbers.
-        loader = torch.utils.data.DataLoader(
-            _WorkerBatches(self.sources, self.seed, self.phase), batch_size=None,
-            sampler=itertools.count(self.batch), num_workers=self.workers,
-            pin_memory=self.device.type == "cuda", prefetch_factor=max(2, math.ceil(4 / self.workers)),
-            worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(self.seed % (1 << 63)))
-        self._iter = iter(loader)
+        self._iter = Prefetcher(self._dataset.__getitem__, self.shapes, self.batch, self.workers,
+                                depth=max(4, 2 * self.workers), init=_worker_init, pin=self.device.type == "cuda")
 
     def _stop_workers(self) -> None:
         if self._iter is not None:
-            shutdown = getattr(self._iter, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+            self._iter.close()
             self._iter = None
 
     def skip(self, batches: int) -> None:
@@ -428,10 +385,11 @@ class NetFeeder:
         if self.workers:
             if self._iter is None:
                 self._start_workers()
-            out = next(self._iter)
-            if _ERROR_KEY in out:
+            try:
+                out = self._iter.next()
+            except (CaffeError, RuntimeError):
                 self._stop_workers()  # a retry restarts at this batch, as the synchronous path would
-                raise CaffeError(out[_ERROR_KEY])
+                raise
         else:
             out = self._dataset[b]
         self.batch += 1

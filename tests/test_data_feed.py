@@ -210,3 +210,55 @@ def test_batches_arrive_on_the_device():
     with NetFeeder(_net(_data_layer(db, 8)), TRAIN, workers=1, device="cuda") as feeder:
         batch = feeder.next()
     assert batch["data"].is_cuda and batch["label"].is_cuda
+
+
+# -- worker processes (runner.prefetch) --------------------------------------------------------------
+
+def test_kept_batches_are_the_callers_own_and_equal_to_in_process_ones():
+    """The ring has max(4, 2 * workers) slots; 12 batches kept by the caller stay intact after later ones
+    arrive, and equal the in-process stream bit for bit."""
+    db = require_golden() / "_data" / "mnist_test_lmdb"
+    streams = {}
+    for workers in (0, 1, 2):
+        with NetFeeder(_random_net(db), TRAIN, seed=4, workers=workers) as feeder:
+            streams[workers] = [feeder.next() for _ in range(12)]
+    for workers in (1, 2):
+        for x, y in zip(streams[0], streams[workers], strict=True):
+            assert torch.equal(x["data"], y["data"]) and torch.equal(x["label"], y["label"])
+    assert not torch.equal(streams[2][0]["data"], streams[2][8]["data"])
+
+
+def test_a_killed_worker_is_a_one_line_error_not_a_hang():
+    import os
+    import signal
+
+    db = require_golden() / "_data" / "mnist_test_lmdb"
+    with NetFeeder(_random_net(db), TRAIN, seed=1, workers=1) as feeder:
+        feeder.next()
+        worker = feeder._iter.procs[0]
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(timeout=10)
+        with pytest.raises(CaffeError, match=r"data worker 0 \(pid \d+\) died \(SIGKILL\) while reading batch"):
+            for _ in range(10):  # the slots filled before the kill come first
+                feeder.next()
+        assert feeder._iter is None  # stopped; a retry starts new workers at the failed batch
+
+
+def test_images_of_varying_size_cross_whole(tmp_path, monkeypatch):
+    """ImageData at batch 1 without a resize: every batch has its image's own shape, so it cannot go
+    through a slot of the first image's shape; it is sent whole, in order."""
+    import cv2
+
+    monkeypatch.chdir(tmp_path)
+    sizes = [(5, 7), (9, 4), (5, 7), (3, 3)]
+    for i, (h, w) in enumerate(sizes):
+        cv2.imwrite(f"{i}.png", np.full((h, w), 10 * i, np.uint8))
+    (tmp_path / "list.txt").write_text("".join(f"{i}.png {i}\n" for i in range(len(sizes))))
+    net = _net('layer { name: "img" type: "ImageData" top: "data" top: "label" '
+               'image_data_param { source: "list.txt" batch_size: 1 is_color: false } }', TEST)
+    with NetFeeder(net, TEST, workers=2) as feeder:
+        batches = [feeder.next() for _ in range(6)]
+    for k, batch in enumerate(batches):
+        i = k % len(sizes)
+        assert batch["data"].shape == (1, 1, *sizes[i]) and int(batch["label"][0]) == i
+        assert torch.all(batch["data"] == 10 * i)
