@@ -84,11 +84,12 @@ def no_sync(ddp: torch.nn.Module):
     return ddp.no_sync()
 
 
-def mean_scalar(value: float, device: torch.device) -> float:
-    """The loss averaged over processes, so every rank sees the same value (and stops together on NaN)."""
-    t = torch.tensor([value], dtype=torch.float32, device=device)
+def mean_tensor(value: torch.Tensor) -> torch.Tensor:
+    """The loss averaged over processes, so every rank sees the same value (and stops together on NaN); it
+    stays on the device (the all-reduce is queued, not waited for)."""
+    t = value.clone()
     dist.all_reduce(t)
-    return float(t / world_size())
+    return t / world_size()
 
 
 def _free_port() -> int:

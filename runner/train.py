@@ -50,6 +50,10 @@ from runner.solver_nets import test_nets, train_net
 from runner.threads import usable_cpus
 
 SIGNAL_EFFECTS = ("stop", "snapshot", "none")
+LOSS_READ_EVERY = 50
+"""On a GPU each iteration's loss stays on the device and the losses are read in one transfer at display
+iterations and at least every this many iterations (a NaN is caught at most that late); on the CPU, where
+reading costs nothing, every iteration."""
 
 f32 = np.float32
 
@@ -101,7 +105,7 @@ class Trainer:
                 with torch.no_grad():
                     blobs = self.net(self.train_feeder.next())
                     loss = float(self.net.loss(blobs))
-                smoothed = self.update_smoothed_loss(loss)
+                smoothed = self.update_smoothed_loss(loss, it)
                 self.log.line("solver.cpp:327", f"Iteration {it}, loss = {fmt(smoothed)}")
                 self.records.append(Record(it, smoothed))
                 self.csv.row(it, "train", "smoothed_loss", smoothed)
@@ -120,6 +124,7 @@ class Trainer:
         self.start_iter = solver.iter  # Solver::Step's start_iter: the smoothed-loss ring restarts per call
         self.losses: list[np.float32] = []
         self.smoothed = f32(0)
+        self.pending: list[tuple[int, torch.Tensor]] = []
         timer, iterations_last = time.perf_counter(), solver.iter
         self.progress_start = (time.perf_counter(), solver.iter, 0.0)
         while solver.iter < stop_iter:
@@ -133,8 +138,11 @@ class Trainer:
                 if self.stopped_early:
                     break
             loss, blobs = self.forward_backward(it)
-            smoothed = self.update_smoothed_loss(loss)
+            self.pending.append((it, loss))
             display = bool(sp.display) and it % sp.display == 0
+            bad = self.read_losses() if display or not self.defer_losses or len(self.pending) >= LOSS_READ_EVERY \
+                else None
+            smoothed = float(self.smoothed)
             if display:
                 lapse = time.perf_counter() - timer
                 per_s = (it - iterations_last) / (lapse or 1)
@@ -143,8 +151,8 @@ class Trainer:
                 timer, iterations_last = time.perf_counter(), it
                 self.csv.row(it, "train", "smoothed_loss", smoothed)
                 self.display_outputs(blobs, it)
-            if not math.isfinite(loss):
-                self.diverged(it, loss)
+            if bad:
+                self.diverged(*bad, it)
             rate = solver.learning_rate()
             if display:
                 self.log.line("sgd_solver.cpp:112", f"Iteration {it}, lr = {fmt(rate)}")
@@ -160,14 +168,19 @@ class Trainer:
                 break
             self.show_progress(smoothed)
             threads.rebalance(self.log)
+        bad = self.read_losses()
+        if bad:
+            self.diverged(*bad, solver.iter)
 
-    def forward_backward(self, it: int) -> tuple[float, dict[str, torch.Tensor]]:
-        """``iter_size`` × ``Net::ForwardBackward`` (diffs accumulate); the mean loss (float sums, as Caffe)
-        and the last pass's blobs. Under DDP the gradients are all-reduced once, on the last pass."""
+    def forward_backward(self, it: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``iter_size`` × ``Net::ForwardBackward`` (diffs accumulate); the mean loss and the last pass's blobs.
+        The loss stays a float32 scalar on the device (float sums and one division, as Caffe's host floats:
+        IEEE single precision either side), so a GPU step never waits for it. Under DDP the gradients are
+        all-reduced once, on the last pass, and the loss is averaged over the processes."""
         sp, net = self.sp, self.net
         model = self.ddp or net
         torch.manual_seed(seed_for(self.seed + self.rank, it))  # Caffe seeds solver r with seed + r
-        total = f32(0)
+        total: torch.Tensor | None = None
         blobs: dict[str, torch.Tensor] = {}
         for i in range(sp.iter_size):
             batch = self.train_feeder.next()
@@ -177,12 +190,28 @@ class Trainer:
                 loss = net.loss(blobs)
                 if loss.requires_grad:
                     loss.backward()
-            total = f32(total + f32(loss.item()))
+            value = loss.detach().to(torch.float32).reshape(())
+            total = value if total is None else total + value
         self.last_blobs = blobs  # what pycaffe's solver.net.blobs shows after a step
-        mean = float(f32(total / f32(sp.iter_size)))
+        mean = total / sp.iter_size if sp.iter_size > 1 else total
         if self.ddp is not None:
-            mean = distributed.mean_scalar(mean, self.device)
+            mean = distributed.mean_tensor(mean)
         return mean, blobs
+
+    def read_losses(self) -> tuple[int, float] | None:
+        """The losses not yet read, brought to the host in one transfer and fed in order to Caffe's smoothed
+        loss; the first (iteration, loss) that is not finite, if any."""
+        if not self.pending:
+            return None
+        iterations = [it for it, _ in self.pending]
+        values = torch.stack([loss for _, loss in self.pending]).cpu().tolist()
+        self.pending = []
+        bad = None
+        for it, value in zip(iterations, values, strict=True):
+            self.update_smoothed_loss(value, it)
+            if bad is None and not math.isfinite(value):
+                bad = (it, value)
+        return bad
 
     def __init__(self, sp: caffe_pb2.SolverParameter, path: str, opts: TrainOptions):
         from runner.data import NetFeeder
@@ -223,6 +252,7 @@ class Trainer:
         self.bridge = LogBridge(self.log)
         try:
             self.device = pick_device(opts.gpu, self.log)
+            self.defer_losses = self.device.type == "cuda"
             self.seed = sp.random_seed if sp.random_seed >= 0 else int.from_bytes(os.urandom(4), "little")
             if sp.random_seed < 0:
                 self.log.line("solver.cpp:48", f"random_seed not set: using {self.seed} (set it to reproduce)")
@@ -307,15 +337,16 @@ class Trainer:
         self.solver.restore(st, state_file)
         self.log.line("sgd_solver.cpp:326", "SGDSolver: restoring history")
 
-    def update_smoothed_loss(self, loss: float) -> float:
-        """``Solver::UpdateSmoothedLoss`` (float arithmetic, a ring of ``average_loss`` values)."""
+    def update_smoothed_loss(self, loss: float, it: int) -> float:
+        """``Solver::UpdateSmoothedLoss`` for iteration ``it`` (float arithmetic, a ring of ``average_loss``
+        values)."""
         n = self.sp.average_loss
         if len(self.losses) < n:
             self.losses.append(f32(loss))
             size = len(self.losses)
             self.smoothed = f32((self.smoothed * f32(size - 1) + f32(loss)) / f32(size))
         else:
-            idx = (self.solver.iter - self.start_iter) % n
+            idx = (it - self.start_iter) % n
             self.smoothed = f32(self.smoothed + (f32(loss) - self.losses[idx]) / f32(n))
             self.losses[idx] = f32(loss)
         return float(self.smoothed)
@@ -411,11 +442,14 @@ class Trainer:
         self.last_snapshot_iter = self.solver.iter
         return model
 
-    def diverged(self, it: int, loss: float) -> None:
-        """Stop on a NaN/inf loss, keeping the weights that produced it (before update ``it``)."""
+    def diverged(self, it: int, loss: float, now: int) -> None:
+        """Stop on a NaN/inf loss at iteration ``it``, read before update ``now``: the weights kept are those
+        of ``now`` (``it`` itself on the CPU, where every loss is read at once)."""
         model = self.snapshot("_nan") if self.rank == 0 else ""
+        which = "before this iteration" if now == it else \
+            f"before iteration {now} (on a GPU the loss is read every display or {LOSS_READ_EVERY} iterations)"
         raise CaffeError(f"the loss is {fmt(loss)} at iteration {it}: training stopped; the weights and solver "
-                         f"state before this iteration are in {model} and {model[:-len('.caffemodel')]}.solverstate")
+                         f"state {which} are in {model} and {model[:-len('.caffemodel')]}.solverstate")
 
     def close(self) -> None:
         for feeder in self.feeders:

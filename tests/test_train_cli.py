@@ -165,6 +165,51 @@ def test_nan_loss_stops_with_a_snapshot(tmp_path):
     assert state.iter == it
 
 
+def _trainer(folder: Path, defer: bool, **fields) -> Trainer:
+    sp = read_solver(write_case(folder, **fields))
+    trainer = Trainer(sp, str(folder / "solver.prototxt"), TrainOptions(progress=False, quiet=True))
+    trainer.defer_losses = defer  # the GPU mode of the loop, run on the CPU
+    return trainer
+
+
+def test_losses_read_late_give_the_same_log_and_weights(tmp_path, monkeypatch):
+    """Losses kept on the device and read at display iterations (what a GPU run does) give the same smoothed
+    losses (average_loss 4: the ring is fed in order) and weights as reading each at once, with one host
+    transfer per display instead of one per iteration."""
+    reads = []
+    original = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(self.numel()) or original(self))
+    results = {}
+    for defer in (False, True):
+        reads.clear()
+        trainer = _trainer(tmp_path / str(defer), defer, max_iter=30, snapshot=0, display=10, average_loss=4,
+                           test_interval=1000, test_initialization=False)
+        try:
+            records = trainer.solve()
+        finally:
+            trainer.close()
+        results[defer] = (records, [p.detach().clone() for p in trainer.net.params], list(reads))
+    (plain, weights, reads_plain), (late, weights_late, reads_late) = results[False], results[True]
+    assert [(r.iter, r.loss, r.lr) for r in plain] == [(r.iter, r.loss, r.lr) for r in late]
+    assert all(torch.equal(a, b) for a, b in zip(weights, weights_late, strict=True))
+    assert reads_plain == [1] * 30
+    assert reads_late == [1, 10, 10, 9]  # at iterations 0, 10, 20 and after the last
+
+
+def test_a_nan_read_late_names_its_iteration_and_keeps_the_later_weights(tmp_path):
+    trainer = _trainer(tmp_path, True, max_iter=30, base_lr=1e6, lr_policy="fixed", display=5)
+    try:
+        with pytest.raises(Exception, match=r"the loss is -?(nan|inf) at iteration (\d+): .* state before iteration "
+                                            r"(\d+) \(on a GPU the loss is read every display") as info:
+            trainer.solve()
+    finally:
+        trainer.close()
+    nan_at, read_at = map(int, re.search(r"at iteration (\d+).*before iteration (\d+)", str(info.value)).groups())
+    assert nan_at < read_at and read_at % 5 == 0
+    state = read_binary(tmp_path / f"lenet_iter_{read_at}_nan.solverstate", caffe_pb2.SolverState())
+    assert state.iter == read_at
+
+
 def test_signals_stop_and_snapshot(tmp_path, monkeypatch):
     sp = read_solver(write_case(tmp_path, max_iter=30, snapshot=0))
     requests = {3: "snapshot", 7: "stop"}
