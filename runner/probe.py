@@ -292,8 +292,8 @@ def solver_loop(loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], s
         loss.backward()
         solver.apply_update()
         solver.iter += 1
-        losses.append(loss.item())
-    return losses
+        losses.append(loss.detach())  # read once at the end: a GPU loop never waits for the host
+    return torch.stack(losses).tolist() if losses else []
 
 
 @torch.no_grad()

@@ -91,6 +91,7 @@ class Trainer:
         self.log.line("solver.cpp:289", f"Solving {self.net.name}")
         self.log.line("solver.cpp:290", f"Learning Rate Policy: {sp.lr_policy}")
         self.signals = Signals(self.opts.sigint_effect, self.opts.sighup_effect)
+        start, first = time.perf_counter(), self.solver.iter
         try:
             self.step(sp.max_iter - self.solver.iter)
             if self.rank == 0 and sp.snapshot_after_train and self.last_snapshot_iter != self.solver.iter \
@@ -111,6 +112,7 @@ class Trainer:
                 self.csv.row(it, "train", "smoothed_loss", smoothed)
             if sp.test_interval and it % sp.test_interval == 0 and self.rank == 0:
                 self.test_all()
+            self.log_speed(it - first, time.perf_counter() - start)
             self.log.line("solver.cpp:332", "Optimization Done.")
             return self.records
         finally:
@@ -364,6 +366,19 @@ class Trainer:
         images = per_s * self.batch * self.sp.iter_size * self.world
         self.log.progress(f"iter {it}/{max_iter}  {per_s:.1f} it/s  {images:,.0f} images/s  loss {smoothed:.4g}  "
                           f"ETA {_duration(left)}")
+
+    def log_speed(self, iterations: int, seconds: float) -> None:
+        """The run's figures for its log: iterations and images per second (tests included) on which device."""
+        if self.device.type == "cuda":
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+            where = f"GPU {index} ({torch.cuda.get_device_name(index)}, peak memory {peak:.2f} GiB)"
+        else:
+            where = f"CPU ({torch.get_num_threads()} intra-op threads)"
+        per_s = iterations / seconds if seconds > 0 else 0.0
+        images = per_s * self.batch * self.sp.iter_size * self.world
+        self.log.line("train.py:1", f"{iterations} iterations in {seconds:.1f} s: {per_s:.1f} iter/s, {images:,.0f} "
+                                    f"images/s on {where}, {self.opts.workers} data worker(s)")
 
     def display_outputs(self, blobs: dict[str, torch.Tensor], it: int) -> None:
         """``Train net output #j: name = v (* w = w·v loss)`` for every element of every output blob."""

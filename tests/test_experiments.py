@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -72,7 +73,11 @@ def test_mnist_smoke_end_to_end_resumes_and_reuses(tmp_path, capfd, mnist_env):
         # the thesis's rule: the last snapshot before max_iter (20), and the tower's share of live features
         record = json.loads((runs / name / "result.json").read_text())
         assert record["snapshot"] == "snap_iter_10.caffemodel" and 0.0 <= record["alive"] <= 1.0
-        assert (runs / name / "train.log").read_text().count("Iteration 0, Testing net (#0)") == 1
+        log = (runs / name / "train.log").read_text()
+        assert log.count("Iteration 0, Testing net (#0)") == 1
+        # the run's figures: 20 iterations, their speed, on the CPU with the run's one thread
+        assert re.search(r"20 iterations in [0-9.]+ s: [0-9.]+ iter/s, [0-9,]+ images/s on CPU \(1 intra-op "
+                         r"threads\), 0 data worker\(s\)", log)
     # an interrupted pre-training (its last snapshot and records gone) resumes from its newest snapshot
     for leftover in ("CHOSEN", "result.json", "snap_iter_20.caffemodel", "snap_iter_20.solverstate"):
         (runs / "sfa10" / leftover).unlink()
@@ -163,6 +168,36 @@ def test_experiment_mistakes_are_one_line(tmp_path, text, message):
     (tmp_path / "experiment.prototxt").write_text(text + "\n")
     with pytest.raises(CaffeError, match=message):
         spec.load(str(tmp_path), "demo")
+
+
+def test_gpu_jobs_each_take_a_gpu_in_turn(monkeypatch):
+    """Job processes side by side get the GPUs of --gpu in turn (more jobs than GPUs share them); a job run in
+    this process takes the first GPU named."""
+    import multiprocessing
+
+    import torch
+
+    monkeypatch.setattr(engine, "_WORKER_GPU", [])
+    counter = multiprocessing.get_context("spawn").Value("i", 0)
+    taken, threads = [], torch.get_num_threads()
+    try:
+        for _ in range(3):
+            engine.init_job_process(1, [3, 5], counter)
+            taken.append(engine.job_gpu("3,5"))
+    finally:
+        torch.set_num_threads(threads)
+    assert taken == ["3", "5", "3"]
+    engine._WORKER_GPU.clear()
+    assert engine.job_gpu("2,1") == "2" and engine.job_gpu(None) is None
+
+
+def test_gpu_without_cuda_is_one_line(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here")
+    assert main(["train", "mnist", "--gpu", "0"]) == 2
+    assert "--gpu 0: CUDA is not available here" in capsys.readouterr().err
 
 
 def test_no_such_experiment_or_scale(capsys):

@@ -12,8 +12,10 @@ import sys
 import time
 
 from converter.errors import CaffeError
+from runner.distributed import parse_gpus
 from runner.experiments import engine
 from runner.experiments.spec import load
+from runner.netsetup import cuda_device
 from runner.threads import usable_cpus
 
 
@@ -26,11 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("experiment", help="a folder of prototxt/ (mnist, kitti, transfer, …) or a path")
     parser.add_argument("--scale", default=None, help="a scale the experiment defines (default: its default_scale)")
     parser.add_argument("--jobs", type=int, default=0,
-                        help="trainings run side by side (default: usable CPUs / --threads, 1 with --gpu); "
+                        help="trainings run side by side (default: usable CPUs / --threads; with --gpu, one "
+                        "per GPU, each job on a GPU of its own); "
                         "never changes a number")
     parser.add_argument("--threads", type=int, default=1,
                         help="intra-op threads of each training (default 1); the last bits of a run depend on it")
-    parser.add_argument("--gpu", default=None, help="train on GPUs as `egomotion train --gpu` (0, 0,1, all)")
+    parser.add_argument("--gpu", default=None, help="train and probe on GPUs (0, 0,1, all): one job per GPU at a time")
     parser.add_argument("--runs", default="runs", help="runs go to RUNS/<experiment>/<scale>/")
     parser.add_argument("--data", default="data", help="data go to DATA/<experiment>/<scale>/")
     args = parser.parse_args(argv)
@@ -38,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.jobs < 0 or args.threads < 1:
             raise CaffeError(f"--jobs must be 0 (automatic) or more and --threads 1 or more, "
                              f"got --jobs {args.jobs} --threads {args.threads}")
-        jobs = args.jobs or (1 if args.gpu else max(1, usable_cpus() // args.threads))
+        gpus = len(parse_gpus(args.gpu))
+        if gpus:
+            cuda_device(args.gpu)  # no CUDA, or no such device: one line now, not in every job
+        jobs = args.jobs or (gpus if gpus else max(1, usable_cpus() // args.threads))
         exp = load(args.experiment, args.scale)
         place = engine.Place.of(exp, args.runs, args.data)
         engine.say(f"{exp.name} at scale {exp.scale}: runs in {place.runs}, data in {place.data}; "

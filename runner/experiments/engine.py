@@ -33,6 +33,7 @@ from converter.io import read_net, read_solver, write_message
 from runner.curves import last_values, read_curves
 from runner.experiments import data_stages
 from runner.experiments.spec import Experiment, merge
+from runner.threads import usable_cpus
 
 Rule = experiment_pb2.SnapshotRule
 
@@ -154,18 +155,19 @@ def snapshots(folder: Path, suffix: str) -> dict[int, Path]:
     return found
 
 
-def train(solver_path: Path, weights: Path | None, gpu: str | None = None) -> None:
-    """``egomotion train [--weights W]`` in this process, its console output into the run folder. A folder
-    that holds snapshots resumes from the newest (``--snapshot``), appending to the log and CSV."""
+def train(solver_path: Path, weights: Path | None, gpu: str | None = None, workers: int = 0) -> None:
+    """``egomotion train [--weights W] [--gpu G --workers N]`` in this process, its console output into the
+    run folder. A folder that holds snapshots resumes from the newest (``--snapshot``), appending to the log
+    and CSV."""
     from runner.train import TrainOptions, run
 
     folder = solver_path.parent
     states = snapshots(folder, ".solverstate")
     if states:
         say(f"{folder}: resuming from {states[max(states)].name}")
-        opts = TrainOptions(snapshot=str(states[max(states)]), gpu=gpu)
+        opts = TrainOptions(snapshot=str(states[max(states)]), gpu=gpu, workers=workers)
     else:
-        opts = TrainOptions(weights=[str(weights)] if weights else [], gpu=gpu)
+        opts = TrainOptions(weights=[str(weights)] if weights else [], gpu=gpu, workers=workers)
     with open(folder / "console.txt", "a" if states else "w") as console, contextlib.redirect_stderr(console):
         run(read_solver(solver_path), str(solver_path), opts)
 
@@ -268,11 +270,40 @@ def weights_for(exp: Experiment, place: Place, run: experiment_pb2.RunParameter)
     return path
 
 
-def run_job(experiment: str, scale: str, runs: str, data: str, job: Job, gpu: str | None = None) -> dict:
+_WORKER_GPU: list[str] = []  # the one GPU of this job process, when several GPUs run jobs side by side
+
+
+def init_job_process(threads: int, gpus: list[int], counter) -> None:
+    """A job process's set-up: its intra-op threads and, with GPUs, the next one in turn (``counter`` is a
+    shared ``multiprocessing.Value``), so the processes running side by side each have a GPU of their own."""
+    import torch
+
+    torch.set_num_threads(threads)
+    if gpus:
+        with counter.get_lock():
+            k = counter.value
+            counter.value += 1
+        _WORKER_GPU[:] = [str(gpus[k % len(gpus)])]
+
+
+def job_gpu(gpu: str | None) -> str | None:
+    """The one GPU a job uses: its process's own (:func:`init_job_process`), else the first of ``--gpu``."""
+    from runner.distributed import parse_gpus
+
+    if _WORKER_GPU:
+        return _WORKER_GPU[0]
+    ids = parse_gpus(gpu)
+    return str(ids[0]) if ids else None
+
+
+def run_job(experiment: str, scale: str, runs: str, data: str, job: Job, gpu: str | None = None,
+            data_workers: int = 0) -> dict:
     """Train one job (resuming or skipping what is done) and return its record: the chosen snapshot of a
-    training run, the measure of a grid run. Takes names, not objects, so it can run in a worker process."""
+    training run, the measure of a grid run. Takes names, not objects, so it can run in a worker process.
+    With ``gpu``, the job runs on one GPU (:func:`job_gpu`), its data read by ``data_workers`` processes."""
     from runner.experiments.spec import load
 
+    gpu = job_gpu(gpu)
     exp = load(experiment, scale)
     place = Place.of(exp, runs, data)
     run = exp.run(job.run)
@@ -285,11 +316,11 @@ def run_job(experiment: str, scale: str, runs: str, data: str, job: Job, gpu: st
         from runner.experiments.probes import run_probe
 
         record = {"run": job.run, "labels": None, "seed": None,
-                  "probes": run_probe(exp, place.data, folder, run), "seconds": round(time.perf_counter() - start)}
+                  "probes": run_probe(exp, place.data, folder, run, gpu), "seconds": round(time.perf_counter() - start)}
         result_file.write_text(json.dumps(record))
         return record
     solver = resolve(exp, place, job)
-    train(solver, weights_for(exp, place, run), gpu)
+    train(solver, weights_for(exp, place, run), gpu, data_workers if gpu else 0)
     rule = run.snapshot_rule if run.HasField("snapshot_rule") else exp.param.snapshot_rule
     record = {"run": job.run, "labels": job.labels, "seed": job.seed, "seconds": round(time.perf_counter() - start)}
     if run.HasField("measure"):
@@ -317,9 +348,11 @@ def run_job(experiment: str, scale: str, runs: str, data: str, job: Job, gpu: st
 # ----------------------------------------------------------------------------------------------------
 # Stages
 # ----------------------------------------------------------------------------------------------------
-def run_jobs(fn: Callable, jobs: list[tuple], workers: int, threads: int, done: Callable) -> list:
-    """``fn(*job)`` for every job, ``workers`` at a time (in spawned processes when more than one), each on
-    ``threads`` intra-op threads; ``done(k, job, result)`` as each ends. Results come back in the jobs' order.
+def run_jobs(fn: Callable, jobs: list[tuple], workers: int, threads: int, done: Callable,
+             gpus: list[int] | None = None) -> list:
+    """``fn(*job)`` for every job, ``workers`` at a time (in spawned processes when more than one, each with
+    a GPU of ``gpus`` in turn), each on ``threads`` intra-op threads; ``done(k, job, result)`` as each ends.
+    Results come back in the jobs' order.
 
     The thread count is the run's own, never derived from ``workers``: a convolution's weight gradient sums
     over the batch in thread-sized slices, so its last bits depend on the threads, and ``--jobs`` must not
@@ -340,8 +373,9 @@ def run_jobs(fn: Callable, jobs: list[tuple], workers: int, threads: int, done: 
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=init_job_process,
+                                 initargs=(threads, gpus or [], context.Value("i", 0))) as pool:
             futures = {pool.submit(fn, *job): k for k, job in enumerate(jobs)}
             for future in as_completed(futures):
                 k = futures[future]
@@ -383,9 +417,14 @@ def _run_stage(exp: Experiment, place: Place, stage: int, workers: int, threads:
         eta = elapsed / k * (len(jobs) - k)
         say(f"[{k}/{len(jobs)}] {job.label()}: {what}; {record['seconds']} s; ETA {eta:.0f} s")
 
-    args = [(str(exp.folder), exp.scale, str(place.runs.parents[1]), str(place.data.parents[1]), job, gpu)
-            for job in jobs]
-    return run_jobs(run_job, args, workers, threads, done)
+    from runner.distributed import parse_gpus
+
+    gpus = parse_gpus(gpu)
+    # a GPU job reads its data in worker processes: the machine's CPUs shared by the jobs side by side
+    data_workers = min(4, max(1, usable_cpus() // max(1, min(workers, len(jobs))) - 1)) if gpus else 0
+    args = [(str(exp.folder), exp.scale, str(place.runs.parents[1]), str(place.data.parents[1]), job, gpu,
+             data_workers) for job in jobs]
+    return run_jobs(run_job, args, workers, threads, done, gpus)
 
 
 def eval_stage(exp: Experiment, place: Place, workers: int, threads: int, gpu: str | None) -> list[dict]:

@@ -59,11 +59,17 @@ def head(probe_net: caffe_pb2.NetParameter, stage: str, tower: set[str], batch: 
     return net
 
 
-def run_probe(exp: Experiment, data_root: Path, folder: Path, run: experiment_pb2.RunParameter) -> list[dict]:
+def run_probe(exp: Experiment, data_root: Path, folder: Path, run: experiment_pb2.RunParameter,
+              gpu: str | None = None) -> list[dict]:
+    """Every probe of ``run``: features by ONNX Runtime (its CUDA provider when ``gpu`` is given and it has
+    one), heads trained by Caffe's solver on the device ``gpu`` names (the CPU without)."""
     from runner.deploy import build_deploy
     from runner.export import export_model
+    from runner.netsetup import cuda_device
     from runner.probe import evaluate, extract, open_session, solver_loop
     from runner.solver import Solver
+
+    device = cuda_device(gpu)
 
     folder.mkdir(parents=True, exist_ok=True)
     stage = exp.data_stage(run.probe.data)
@@ -96,7 +102,7 @@ def run_probe(exp: Experiment, data_root: Path, folder: Path, run: experiment_pb
             net, plan = build_deploy(tower_file, [weights], outputs)
             export_model(net, plan, onnx_path)
         # the run's own thread count (--threads), as its trainings: jobs side by side do not oversubscribe
-        session = open_session(onnx_path, "cpu", threads=torch.get_num_threads())
+        session = open_session(onnx_path, "auto" if device.type == "cuda" else "cpu", threads=torch.get_num_threads())
         shape = session.get_inputs()[0].shape
         source = ImageSource(data_layer.transform_param, tuple(int(d) for d in shape[1:]), resize, images.pad_square)
         start = time.perf_counter()
@@ -107,12 +113,12 @@ def run_probe(exp: Experiment, data_root: Path, folder: Path, run: experiment_pb
             proto = head(probe_net, stage_name, tower, batch, dims)
             for k, n, train, test in splits:
                 seed = sp.random_seed + 1009 * k + n
-                net = CaffeNet(proto, generator=torch.Generator().manual_seed(seed))
+                net = CaffeNet(proto, generator=torch.Generator().manual_seed(seed)).to(device)
                 solver = Solver(sp, list(net.params), [lb.lr_mult for lb in net.learnable],
                                 [lb.decay_mult for lb in net.learnable])
                 feed = blobs[stage_name][0]
-                x = torch.from_numpy(features[feed][[row[s.ref] for s in train]])
-                y = torch.tensor([s.label for s in train], dtype=torch.float32)
+                x = torch.from_numpy(features[feed][[row[s.ref] for s in train]]).to(device)
+                y = torch.tensor([s.label for s in train], dtype=torch.float32, device=device)
 
                 def loss_of(xb, yb, net=net, feed=feed):
                     return net.loss(net({feed: xb, "label": yb}))
@@ -120,8 +126,8 @@ def run_probe(exp: Experiment, data_root: Path, folder: Path, run: experiment_pb
                 net.train()
                 losses = solver_loop(loss_of, solver, x, y, batch, seed)
                 net.eval()
-                xt = torch.from_numpy(features[feed][[row[s.ref] for s in test]])
-                yt = torch.tensor([s.label for s in test])
+                xt = torch.from_numpy(features[feed][[row[s.ref] for s in test]]).to(device)
+                yt = torch.tensor([s.label for s in test], device=device)
                 top = _logits_blob(proto)
                 acc, class_acc = evaluate(lambda xb, net=net, feed=feed, top=top: _logits(net, feed, top, xb, batch),
                                           xt, yt, int(yt.max()) + 1)
@@ -129,7 +135,8 @@ def run_probe(exp: Experiment, data_root: Path, folder: Path, run: experiment_pb
                                 "partition": k, "accuracy": acc, "class_mean_accuracy": class_acc,
                                 "train_images": len(train), "test_images": len(test),
                                 "final_loss": losses[-1] if losses else float("nan"),
-                                "feature_seconds": round(seconds, 1)})
+                                "feature_seconds": round(seconds, 1),
+                                "feature_provider": session.get_providers()[0], "head_device": str(device)})
     (folder / "result.json").write_text(json.dumps(records, indent=1))
     return records
 
@@ -145,8 +152,8 @@ def _logits(net: CaffeNet, feed: str, top: str, x: torch.Tensor, batch: int) -> 
     out = []
     for i in range(0, len(x), batch):
         xb = x[i:i + batch]
-        padded = xb[torch.arange(batch) % len(xb)]
-        out.append(net({feed: padded, "label": torch.zeros(batch)})[top][:len(xb)])
+        padded = xb[torch.arange(batch, device=x.device) % len(xb)]
+        out.append(net({feed: padded, "label": torch.zeros(batch, device=x.device)})[top][:len(xb)])
     return torch.cat(out)
 
 
