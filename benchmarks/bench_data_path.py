@@ -75,8 +75,9 @@ def main_process_ms(solver: Path, workers: int, batches: int) -> float:
     return sorted(times)[len(times) // 2] * 1e3
 
 
-def step_ms(solver: Path, workers: int, iters: int, threads: int = 1) -> tuple[float, float]:
-    """(wall, compute) ms per training iteration: with the data path in the loop, and on one fixed batch."""
+def step_ms(solver: Path, workers: int, iters: int, threads: int = 1, gpu: str | None = None) -> tuple[float, float]:
+    """(wall, compute) ms per training iteration: with the data path in the loop, and on one fixed batch
+    (on the GPU ``gpu`` names, each loop waited for at its end)."""
     import contextlib
     import io
 
@@ -88,7 +89,8 @@ def step_ms(solver: Path, workers: int, iters: int, threads: int = 1) -> tuple[f
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     with contextlib.redirect_stderr(io.StringIO()):
-        trainer = Trainer(read_solver(solver), str(solver), TrainOptions(progress=False, quiet=True, workers=workers))
+        trainer = Trainer(read_solver(solver), str(solver),
+                          TrainOptions(progress=False, quiet=True, workers=workers, gpu=gpu))
     net, sgd, feeder = trainer.net, trainer.solver, trainer.train_feeder
     fixed = feeder.next()
 
@@ -104,6 +106,8 @@ def step_ms(solver: Path, workers: int, iters: int, threads: int = 1) -> tuple[f
         start = time.perf_counter()
         for _ in range(iters):
             step(feeder.next() if read else fixed)
+        if gpu is not None:
+            torch.cuda.synchronize()
         return (time.perf_counter() - start) / iters * 1e3
 
     try:

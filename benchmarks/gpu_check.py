@@ -5,7 +5,14 @@
   device, with cuDNN on (torch's default) and off (torch's own kernels, the closest to Caffe's
   ``engine: CAFFE``): the largest relative loss error against BVLC Caffe's ``losses.tsv``;
 * the MNIST egomotion net (the thesis's, batch 125) through the real training loop: milliseconds per
-  iteration, as the difference of two runs so that building the nets is not counted.
+  iteration, as the difference of two runs so that building the nets is not counted;
+* the same net's step (forward, backward, Caffe's SGD update) on one batch against the hand-written module
+  of ``handwritten.py`` with ``torch.optim.SGD``, interleaved on the same device (issue 16's goal: <= 1.05x),
+  the share of that step the GPU is busy (kernel time under torch's profiler), and the GEMM peak;
+* the data path: MNIST pairs/s through ``NetFeeder`` with 0 and several worker processes, and the training
+  step with workers against the step on a batch read beforehand (goal: wall <= compute + 5 %);
+* ONNX Runtime's CUDA provider against torch on CUDA for the BCNN's probe features, where that provider is
+  installed (otherwise the providers found are recorded); a one-process NCCL all-reduce.
 
 ``--device cpu --quick`` runs the same on the CPU with two trajectories and few iterations (the test suite
 runs it so the script cannot rot). Writes ``benchmarks/results/gpu.json`` (``gpu_quick.json`` with --quick)
@@ -23,6 +30,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -34,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from common import RESULTS, mnist_egomotion_run  # noqa: E402
+from gemm_peak import gemm_runs  # noqa: E402
 
 QUICK_CASES = ("sgd_inv", "adam")
 
@@ -86,12 +95,168 @@ def step_ms(images, gpu: str | None, iters: int) -> float:
         return (seconds(folder, 10 + iters) - seconds(folder, 10)) / iters * 1e3
 
 
+def _timed(fn, iters: int, gpu: str | None) -> float:
+    """ms per call of ``fn`` over ``iters`` calls, the device waited for at the end."""
+    if gpu is not None:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if gpu is not None:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters * 1e3
+
+
+def eager_vs_handwritten(prototxt: Path, gpu: str | None, iters: int) -> dict:
+    """Our step against the hand-written module's on one batch, same weights and device, interleaved (3
+    rounds, medians); on a GPU also the share of our step the GPU is busy, from torch's profiler."""
+    import handwritten
+    from bench_converter import make_inputs
+
+    from converter import caffe_pb2
+    from converter.io import filter_net, net_state, read_net
+    from converter.net import CaffeNet
+    from runner.solver import Solver
+
+    device = torch.device("cuda", 0) if gpu is not None else torch.device("cpu")
+    name = prototxt.stem
+    net = CaffeNet(filter_net(read_net(prototxt), net_state("TRAIN")))
+    hand = handwritten.build(name).train()
+    handwritten.copy_from_caffe(hand, net, name)
+    net.to(device)
+    hand.to(device)
+    inputs = make_inputs(net, torch.Generator().manual_seed(1), device)
+    sp = caffe_pb2.SolverParameter(base_lr=0.01, momentum=0.9, weight_decay=5e-4, lr_policy="fixed")
+    solver = Solver(sp, list(net.params), [lb.lr_mult for lb in net.learnable], [lb.decay_mult for lb in net.learnable])
+    opt = torch.optim.SGD(hand.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, foreach=True)
+
+    def ours() -> None:
+        for p in net.params:
+            if p.grad is not None:
+                p.grad.zero_()
+        net.loss(net(inputs)).backward()
+        solver.apply_update()
+        solver.iter += 1
+
+    def theirs() -> None:
+        opt.zero_grad(set_to_none=False)
+        hand(inputs).backward()
+        opt.step()
+
+    for fn in (ours, theirs):  # warm-up: kernels, allocator, cuDNN's algorithm search
+        _timed(fn, 5, gpu)
+    times = {"ours": [], "handwritten": []}
+    for _ in range(3):
+        times["ours"].append(_timed(ours, iters, gpu))
+        times["handwritten"].append(_timed(theirs, iters, gpu))
+    out = {k: statistics.median(v) for k, v in times.items()}
+    out["ratio"] = out["ours"] / out["handwritten"]
+    if gpu is not None:
+        out["gpu_busy_share"] = gpu_busy_share(ours, min(iters, 50))
+    return out
+
+
+def gpu_busy_share(fn, iters: int) -> float:
+    """Kernel time over wall time of ``iters`` calls under torch's profiler (the profiler slows the host side,
+    so this is a lower bound)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        wall = _timed(fn, iters, "0") * iters
+    kernels = 0.0
+    for event in prof.key_averages():
+        if str(getattr(event, "device_type", "")).endswith("CUDA"):
+            kernels += getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+    return kernels / 1e3 / wall
+
+
+def data_path(images, gpu: str | None, quick: bool) -> dict:
+    """MNIST pairs/s through NetFeeder by worker count, and the step's wall against its compute with workers."""
+    from bench_data_path import pairs_per_second, step_ms
+
+    cpus = len(os.sched_getaffinity(0))
+    counts = [0, 1] if quick else sorted({0, 2, min(4, cpus - 1), min(8, cpus - 1)})
+    out: dict = {"cpus": cpus, "pairs_per_s": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        solver = mnist_egomotion_run(Path(tmp), images, 2_000 if quick else 20_000)
+        for workers in counts:
+            out["pairs_per_s"][workers] = pairs_per_second(solver, workers, 5 if quick else 100)
+        workers = counts[-1]
+        wall, compute = step_ms(solver, workers, 3 if quick else 100, threads=1 if quick else cpus, gpu=gpu)
+        out["step"] = {"workers": workers, "wall_ms": wall, "compute_ms": compute, "ratio": wall / compute}
+    return out
+
+
+def ort_vs_torch(gpu: str | None) -> dict:
+    """ONNX Runtime's CUDA provider against torch on CUDA for the BCNN's probe features (images/s), where
+    that provider is installed; otherwise the providers found."""
+    import onnxruntime
+
+    providers = onnxruntime.get_available_providers()
+    if gpu is None or "CUDAExecutionProvider" not in providers:
+        return {"providers": providers, "skipped": "no GPU" if gpu is None else
+                "onnxruntime here has no CUDAExecutionProvider (a CPU-only build)"}
+    from converter.io import filter_net, net_state, read_net
+    from converter.net import CaffeNet
+    from runner.deploy import deploy_net
+    from runner.export import export_model, rebatch
+    from runner.probe import open_session
+
+    blobs, batch = ["norm1", "norm2", "conv3", "conv4", "conv5"], 64
+    proto = filter_net(read_net(ROOT / "prototxt" / "kitti" / "bcnn_deploy.prototxt"), net_state("TEST"))
+    plan = deploy_net(proto, blobs, {"data": (batch, 3, 227, 227)})
+    net = CaffeNet(plan.proto, generator=torch.Generator().manual_seed(0)).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bcnn.onnx"
+        export_model(net, plan, path)
+        session = open_session(path, "cuda")
+        module = rebatch(net, plan, batch).to("cuda")
+        x = torch.randn(batch, 3, 227, 227, generator=torch.Generator().manual_seed(2))
+        xc, xn = x.cuda(), x.numpy()
+
+        def run_torch() -> None:
+            with torch.no_grad():
+                out = module({"data": xc})
+                [out[b].cpu() for b in blobs]  # the features end on the host, as ORT's do
+
+        ort_ms = _timed(lambda: session.run(blobs, {"data": xn}), 3, "0")
+        ort_ms = _timed(lambda: session.run(blobs, {"data": xn}), 20, "0")
+        _timed(run_torch, 3, "0")
+        torch_ms = _timed(run_torch, 20, "0")
+    return {"providers": providers, "used": session.get_providers()[0], "batch": batch,
+            "ort_images_per_s": batch / ort_ms * 1e3, "torch_images_per_s": batch / torch_ms * 1e3}
+
+
+def nccl_one_process() -> dict:
+    """A one-process NCCL group on GPU 0: an all-reduce of 4 MiB, checked and timed."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                                device_id=torch.device("cuda", 0))
+        t = torch.ones(1 << 20, device="cuda")
+        dist.all_reduce(t)
+        ms = _timed(lambda: dist.all_reduce(t), 20, "0")
+        ok = bool((t == 1).all())
+        dist.destroy_process_group()
+        return {"ok": ok, "all_reduce_4MiB_ms": ms, "nccl": ".".join(map(str, torch.cuda.nccl.version()))}
+    except Exception as e:  # noqa: BLE001 - recorded, not fatal: the rest of the check still counts
+        return {"ok": False, "error": f"{type(e).__name__}: {e}"}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--quick", action="store_true", help="two trajectories, few iterations (the test suite)")
     parser.add_argument("--golden", default=str(ROOT.parent / "shared" / "reference" / "golden"))
     parser.add_argument("--mnist", default=str(ROOT.parent / "shared" / "data" / "mnist"))
+    parser.add_argument("--timing", default=str(ROOT.parent / "shared" / "reference" / "timing"),
+                        help="the timing nets (thesis_mnist_egomotion_b125.prototxt) for the hand-written comparison")
     parser.add_argument("--out", default=None, help="the JSON to write (default benchmarks/results/gpu[_quick].json)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -99,6 +264,7 @@ def main() -> int:
         return 2
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     gpu = "0" if args.device == "cuda" else None
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # Caffe's true float32
     record: dict = {"versions": versions(args.device), "trajectories": {}}
     golden = Path(args.golden).resolve()  # the trajectories run from inside each case folder
     cases = sorted(p.name for p in golden.iterdir() if (p / "losses.tsv").exists()) if golden.is_dir() else []
@@ -130,6 +296,13 @@ def main() -> int:
             record["mnist_step_ms_caffe_engine"] = step_ms(images, gpu, 3 if args.quick else 200)
         finally:
             set_net_engine(None)
+        record["data_path"] = data_path(images, gpu, args.quick)
+    timing = Path(args.timing) / "thesis_mnist_egomotion_b125.prototxt"
+    if timing.exists():
+        record["eager_vs_handwritten"] = eager_vs_handwritten(timing, gpu, 3 if args.quick else 200)
+    record["gemm_peak_gflops"] = statistics.median(gemm_runs(512 if args.quick else 8192, 3, device=args.device))
+    record["ort"] = ort_vs_torch(gpu)
+    record["nccl"] = nccl_one_process() if gpu else {"skipped": "no GPU"}
     worst = {mode: max((t[mode]["max_rel_loss_error"] for t in record["trajectories"].values()), default=math.nan)
              for mode in modes}
     record["worst_rel_loss_error"] = worst

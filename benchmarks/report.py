@@ -154,6 +154,34 @@ def gpu_section(record: dict) -> list[str]:
                   f"iteration, so the thesis's 40,000 iterations take {record['mnist_40k_minutes']:.1f} min"
                   + (f"; with `--engine caffe` {record['mnist_step_ms_caffe_engine']:.1f} ms per iteration"
                      if "mnist_step_ms_caffe_engine" in record else "") + ".", ""]
+    eager = record.get("eager_vs_handwritten")
+    if eager:
+        busy = f"; the GPU is busy {eager['gpu_busy_share']:.0%} of our step (profiler)" if "gpu_busy_share" in eager \
+            else ""
+        lines += [f"One step on one batch (forward, backward, SGD update): ours {eager['ours']:.2f} ms, the "
+                  f"hand-written module with torch.optim.SGD {eager['handwritten']:.2f} ms: {eager['ratio']:.2f}x "
+                  "(goal <= 1.05x)"
+                  f"{busy}. GEMM peak measured in the same run: {record['gemm_peak_gflops']:,.0f} GFLOP/s.", ""]
+    data = record.get("data_path")
+    if data:
+        rates = ", ".join(f"{w} worker(s) {r:,.0f}" for w, r in data["pairs_per_s"].items())
+        step = data["step"]
+        lines += [f"Data path ({data['cpus']} CPUs): MNIST pairs/s through NetFeeder: {rates}. A training step "
+                  f"with {step['workers']} worker(s) {step['wall_ms']:.2f} ms against {step['compute_ms']:.2f} ms on "
+                  f"a batch read beforehand: {step['ratio']:.3f}x (goal <= 1.05x).", ""]
+    ort = record.get("ort")
+    if ort:
+        if "used" in ort:
+            lines += [f"ONNX Runtime ({ort['used']}) BCNN features at batch {ort['batch']}: "
+                      f"{ort['ort_images_per_s']:,.0f} images/s against torch on CUDA "
+                      f"{ort['torch_images_per_s']:,.0f}.", ""]
+        else:
+            lines += [f"ONNX Runtime on CUDA: not measured ({ort['skipped']}; providers: "
+                      f"{', '.join(ort['providers'])}).", ""]
+    nccl = record.get("nccl")
+    if nccl and "skipped" not in nccl:
+        lines += [(f"One-process NCCL {nccl['nccl']}: all-reduce of 4 MiB in {nccl['all_reduce_4MiB_ms']:.3f} ms, "
+                   "result checked.") if nccl.get("ok") else f"One-process NCCL: failed ({nccl.get('error')}).", ""]
     return lines
 
 

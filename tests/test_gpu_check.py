@@ -28,6 +28,13 @@ def test_gpu_check_cpu_quick_mode(tmp_path):
             assert case[mode]["iterations"] == 6 and case[mode]["max_rel_loss_error"] < 1e-4  # Caffe's losses
     if (ROOT.parent / "shared" / "data" / "mnist").is_dir():
         assert record["mnist_step_ms"] > 0 and record["mnist_step_ms_caffe_engine"] > 0
+        data = record["data_path"]
+        assert set(data["pairs_per_s"]) == {"0", "1"} and min(data["pairs_per_s"].values()) > 0
+        assert data["step"]["workers"] == 1 and data["step"]["ratio"] > 0
+    if (ROOT.parent / "shared" / "reference" / "timing").is_dir():
+        assert record["eager_vs_handwritten"]["ratio"] > 0
+    assert record["gemm_peak_gflops"] > 0 and record["nccl"] == {"skipped": "no GPU"}
+    assert record["ort"]["skipped"] == "no GPU" and "CPUExecutionProvider" in record["ort"]["providers"]
     assert json.loads(done.stdout.strip().splitlines()[-1])["benchmark"] == "gpu_check"
 
 
