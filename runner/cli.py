@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int32, default=17)
     p.add_argument("--stage", action="append", default=[], help="a NetState stage (repeatable)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime parity check")
+    p.add_argument("--gpu", default=None, help="check parity against the module on this CUDA device (ORT's CUDA "
+                   "provider when installed); the export itself is traced on the CPU")
     p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     _python_flag(p)
     from runner.probe_cli import add_probe_parser

@@ -46,6 +46,7 @@ from converter.io import atomic_write_bytes
 from converter.layers.base import Shape
 from converter.net import CaffeNet
 from runner.deploy import DeployNet, build_deploy
+from runner.netsetup import cuda_device
 from runner.ort import max_rel_error, ort_session
 
 log = logging.getLogger(__name__)
@@ -270,22 +271,25 @@ def _drop_unused(model: onnx.ModelProto) -> None:
 
 
 def verify(model: onnx.ModelProto | bytes, net: CaffeNet, plan: DeployNet, batches: tuple[int, ...] = (1, 2),
-           rtol: float = PARITY_RTOL, seed: int = 0) -> dict[str, float]:
-    """Run ORT (CPU) and the module on seeded inputs for each batch size; shapes must be Caffe's.
+           rtol: float = PARITY_RTOL, seed: int = 0, device: torch.device | None = None) -> dict[str, float]:
+    """Run ORT and the module on seeded inputs for each batch size; shapes must be Caffe's. On a CUDA
+    ``device`` the module runs there and ORT with its CUDA provider when it has one (else on the CPU).
 
     Returns the max relative error per output over all batches; raises a CaffeError on a shape
     mismatch or an error above ``rtol``.
     """
-    session = ort_session(model)
+    cuda = device is not None and device.type == "cuda"
+    session = ort_session(model, ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else None)
     errors = {name: 0.0 for name in plan.outputs}
     if trace_batch(plan) is None:
         batches = (None,)
     for i, batch in enumerate(batches):
         inputs = example_inputs(plan.input_shapes, batch, seed + i)
         graph = Graph(net if batch is None else rebatch(net, plan, batch), plan.inputs, plan.outputs).eval()
+        graph.to(device or "cpu")
         with torch.no_grad(), _kept_params(net):
             try:
-                expected = [t.numpy() for t in graph(*(inputs[n] for n in plan.inputs))]
+                expected = [t.cpu().numpy() for t in graph(*(inputs[n].to(device or "cpu") for n in plan.inputs))]
             except (RuntimeError, CaffeError) as e:
                 raise CaffeError(f"net '{plan.proto.name}': the module itself fails at batch {batch} "
                                  f"({str(e).splitlines()[0]})") from None
@@ -310,9 +314,10 @@ def verify(model: onnx.ModelProto | bytes, net: CaffeNet, plan: DeployNet, batch
 
 
 def export_model(net: CaffeNet, plan: DeployNet, path: str | Path | None = None, opset: int = DEFAULT_OPSET,
-                 check: bool = True, batches: tuple[int, ...] = (1, 2), rtol: float = PARITY_RTOL
-                 ) -> tuple[onnx.ModelProto, dict[str, float]]:
-    """Export, check with onnx.checker, verify against ORT, and (when ``path``) write atomically."""
+                 check: bool = True, batches: tuple[int, ...] = (1, 2), rtol: float = PARITY_RTOL,
+                 device: torch.device | None = None) -> tuple[onnx.ModelProto, dict[str, float]]:
+    """Export (traced on the CPU), check with onnx.checker, verify against ORT (the module on ``device``), and
+    (when ``path``) write atomically."""
     model = to_onnx(net, plan, opset)
     data = model.SerializeToString()
     if len(data) >= 2**31:
@@ -323,7 +328,10 @@ def export_model(net: CaffeNet, plan: DeployNet, path: str | Path | None = None,
     except onnx.checker.ValidationError as e:
         raise CaffeError(f"net '{plan.proto.name}': the exported graph fails onnx.checker: "
                          f"{str(e).splitlines()[0]}") from None
-    errors = verify(data, net, plan, batches, rtol) if check else {}
+    try:
+        errors = verify(data, net, plan, batches, rtol, device=device) if check else {}
+    finally:
+        net.to("cpu")
     if path is not None:
         atomic_write_bytes(path, data)
     return model, errors
@@ -367,11 +375,13 @@ def export(args: argparse.Namespace) -> int:
     named, anonymous = parse_input_shapes(args.input_shape)
     weights = [w for w in (args.weights or "").split(",") if w]
     net, plan = build_deploy(args.model, weights, outputs, named, anonymous, args.stage)
-    _, errors = export_model(net, plan, args.output, args.opset, check=not args.no_verify)
+    device = cuda_device(args.gpu)
+    _, errors = export_model(net, plan, args.output, args.opset, check=not args.no_verify, device=device)
     per_item = {n: net.blob_shapes[n][1:] if _batched(net, plan, n) else net.blob_shapes[n] for n in plan.outputs}
     shapes = ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in per_item.items())
     batch = "dynamic batch" if trace_batch(plan) is not None else "fixed shapes (the inputs' first axes differ)"
     print(f"wrote {args.output}: inputs {', '.join(plan.inputs)}; outputs (per item) {shapes}; {batch}")
     if errors:
-        print(f"ONNX Runtime parity (batches 1, 2): max relative error {max(errors.values()):.3g}")
+        where = f" against the module on {device}" if device.type == "cuda" else ""
+        print(f"ONNX Runtime parity (batches 1, 2){where}: max relative error {max(errors.values()):.3g}")
     return 0
