@@ -119,9 +119,18 @@ class _Source:
     tops: list[str]
     shapes: dict[str, Shape]
 
-    def load(self, b: int, rng: np.random.Generator) -> dict[str, np.ndarray | torch.Tensor]:
-        """Batch ``b`` of this layer's tops."""
+    def load(self, b: int, rng: np.random.Generator, into: dict[str, torch.Tensor] | None = None
+             ) -> dict[str, np.ndarray | torch.Tensor]:
+        """Batch ``b`` of this layer's tops; the data top written into ``into``'s tensor for it when given."""
         raise NotImplementedError
+
+    def data_tensor(self, shape: Shape, into: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """Where this batch's data top is written: the caller's tensor for it (a worker's shared-memory slot,
+        so the batch is never copied inside the worker) when it has this shape, else a new one."""
+        target = (into or {}).get(self.tops[0])
+        if target is not None and tuple(target.shape) == tuple(shape):
+            return target
+        return torch.empty(shape, dtype=torch.float32)
 
     def restarts(self, b: int) -> int:
         """How many times reading batch ``b`` wraps to the first record (Caffe logs each one)."""
@@ -191,7 +200,7 @@ class _LMDBSource(_StridedSource):
             release_reader(self._reader[1])
         self._reader = None
 
-    def load(self, b, rng):
+    def load(self, b, rng, into=None):
         reader = self.reader()
         n = len(self.keys)
         items, labels = [], np.empty(self.batch, dtype=np.float32)
@@ -207,7 +216,7 @@ class _LMDBSource(_StridedSource):
                                      f"net, is {format_shape(self.chw)}: every record must have one shape")
                 items.append(item)
                 labels[j] = datum.label
-        data = torch.empty(tf.batch_shape(items), dtype=torch.float32)
+        data = self.data_tensor(tf.batch_shape(items), into)
         tf(items, rng, out=data.numpy())
         out = {self.tops[0]: data}
         if len(self.tops) > 1:
@@ -266,11 +275,11 @@ class _ImageListSource(_StridedSource):
         img = read_image(self.root + path, self.height, self.width, self.is_color, f"{self.what}: {self.listfile}:{n}")
         return image_to_chw(img, path)
 
-    def load(self, b, rng):
+    def load(self, b, rng, into=None):
         indices = [self.line(int(o)) for o in self.offsets(b)]
         items = [self.image(i) for i in indices]
         labels = np.array([self.lines[i][1] for i in indices], dtype=np.float32)
-        data = torch.empty(self.transformer.batch_shape(items), dtype=torch.float32)
+        data = self.data_tensor(self.transformer.batch_shape(items), into)
         self.transformer(items, rng, out=data.numpy())
         return {self.tops[0]: data, self.tops[1]: labels}
 
@@ -291,7 +300,7 @@ class _DummySource(_Source):
                       for t, f in self.fillers.items() if f.type == "constant"}
         self.what = _what(lp)
 
-    def load(self, b, rng):
+    def load(self, b, rng, into=None):
         out = {}
         for t, f in self.fillers.items():
             if t in self.fixed:
@@ -305,17 +314,17 @@ class _DummySource(_Source):
 # ---------------------------------------------------------------------------------------------
 # The feeder
 # ---------------------------------------------------------------------------------------------
-class _Batches(torch.utils.data.Dataset):
-    """Batch ``b`` of every source, as CPU float32 tensors; usable as a DataLoader map-style dataset."""
+class _Batches:
+    """Batch ``b`` of every source, as CPU float32 tensors (the data tops written into ``into`` when given)."""
 
     def __init__(self, sources: list[tuple[int, _Source]], seed: int, phase: int):
         self.sources, self.seed, self.phase = sources, seed, phase
 
-    def __getitem__(self, b: int) -> dict[str, torch.Tensor]:
+    def __call__(self, b: int, into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for index, source in self.sources:
             rng = np.random.default_rng([self.seed, self.phase, index, b])
-            for top, value in source.load(b, rng).items():
+            for top, value in source.load(b, rng, into).items():
                 out[top] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32)) \
                     if isinstance(value, np.ndarray) else value
         return out
@@ -362,7 +371,7 @@ class NetFeeder:
         self._iter = None  # the worker pool, started by the first next()
 
     def _start_workers(self) -> None:
-        self._iter = Prefetcher(self._dataset.__getitem__, self.shapes, self.batch, self.workers,
+        self._iter = Prefetcher(self._dataset, self.shapes, self.batch, self.workers,
                                 depth=max(4, 2 * self.workers), init=_worker_init, pin=self.device.type == "cuda")
 
     def _stop_workers(self) -> None:
@@ -391,7 +400,7 @@ class NetFeeder:
                 self._stop_workers()  # a retry restarts at this batch, as the synchronous path would
                 raise
         else:
-            out = self._dataset[b]
+            out = self._dataset(b)
         self.batch += 1
         if self.device.type != "cpu":
             out = {k: v.to(self.device, non_blocking=True) for k, v in out.items()}

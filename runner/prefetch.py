@@ -3,10 +3,11 @@
 Why not torch's DataLoader: each batch it returns arrives in new shared-memory segments (made by the
 worker, then opened and mapped by the trainer). On the 2-core machine that cost the training process
 1.2 ms per MNIST batch of 125 pairs, and a worker delivered 32k pairs/s where the same code in-process
-makes 72k. Here the slots are allocated once, before the workers start; a worker writes batch ``b`` into
-a free slot and sends only ``(b, slot)``; the trainer copies the slot out (a caller may keep a batch after
-asking for the next one) — into pinned memory when the batch goes on to a GPU, so that copy is
-asynchronous — and hands the slot straight to the next batch.
+makes 72k. Here the slots are allocated once, before the workers start; a worker writes batch ``b``'s data
+tops straight into a free slot and sends only ``(b, slot)``. A thread of the trainer's process takes the
+batches in order, copies each out of its slot (a caller may keep a batch after asking for the next one) —
+into pinned memory when the batch goes on to a GPU, so that copy is asynchronous — hands the slot to the
+next batch, and keeps up to two batches ready: the training step only takes one from a queue.
 
 Batches come back in order ``start, start+1, …`` whichever worker made them, and every batch's randomness
 comes from its index, so the worker count never changes a number.
@@ -18,6 +19,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -30,7 +32,7 @@ POLL_SECONDS = 1.0
 """How often a waiting trainer checks that its workers live, and a waiting worker that its trainer does."""
 
 
-def _work(make: Callable[[int], Batch], slots: list[Batch], tasks, done, init: Callable[[], None],
+def _work(make: Callable[[int, Batch], Batch], slots: list[Batch], tasks, done, init: Callable[[], None],
           parent: int) -> None:
     """A worker: takes ``(batch, slot)`` tasks until it gets None or its trainer is gone."""
     for name in ("SIGINT", "SIGHUP"):  # the trainer decides what a signal means (stop, snapshot)
@@ -48,11 +50,12 @@ def _work(make: Callable[[int], Batch], slots: list[Batch], tasks, done, init: C
             return
         b, slot = task
         try:
-            batch = make(b)
             target = slots[slot]
+            batch = make(b, target)  # the data tops are written into the slot itself
             if batch.keys() == target.keys() and all(v.shape == target[k].shape for k, v in batch.items()):
                 for k, v in batch.items():
-                    target[k].copy_(v)
+                    if v.data_ptr() != target[k].data_ptr():  # the small ones (labels)
+                        target[k].copy_(v)
                 done.put((b, slot, "slot", None))
             else:  # a batch of another shape (ImageData images of varying size at batch 1): sent whole
                 done.put((b, slot, "whole", batch))
@@ -71,10 +74,13 @@ def _copy_out(slot: torch.Tensor, pin: bool) -> torch.Tensor:
 
 
 class Prefetcher:
-    """``workers`` processes computing ``make(b)`` for ``b = start, start+1, …`` into ``depth`` slots of the
-    given tops' shapes; :meth:`next` returns them in order as the trainer's own tensors."""
+    """``workers`` processes computing ``make(b, slot)`` for ``b = start, start+1, …`` into ``depth`` slots of
+    the given tops' shapes; :meth:`next` returns the batches in order as the trainer's own tensors."""
 
-    def __init__(self, make: Callable[[int], Batch], shapes: dict[str, tuple[int, ...]], start: int,
+    READY = 2
+    """Batches copied out and waiting for the step."""
+
+    def __init__(self, make: Callable[[int, Batch], Batch], shapes: dict[str, tuple[int, ...]], start: int,
                  workers: int, depth: int, init: Callable[[], None], pin: bool):
         methods = multiprocessing.get_all_start_methods()
         ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
@@ -87,55 +93,88 @@ class Prefetcher:
         for p in self.procs:
             p.start()
         self.pin = pin
-        self.expected = self.submitted = start
-        self.ready: dict[int, tuple] = {}
+        self.submitted = start
         for slot in range(depth):
             self._submit(slot)
+        self.ready: queue.Queue = queue.Queue(self.READY)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._hand_over, args=(start,), daemon=True, name="egomotion-batches")
+        self.thread.start()
 
     def _submit(self, slot: int) -> None:
         self.tasks.put((self.submitted, slot))
         self.submitted += 1
 
-    def _check_workers(self) -> None:
+    def _check_workers(self, b: int) -> None:
         for i, p in enumerate(self.procs):
             if p.exitcode is not None:
-                how = f"signal {-p.exitcode}" if p.exitcode < 0 else f"exit code {p.exitcode}"
+                how = f"exit code {p.exitcode}"
                 if p.exitcode < 0:
                     try:
-                        how = f"{signal.Signals(-p.exitcode).name}"
+                        how = signal.Signals(-p.exitcode).name
                     except ValueError:
-                        pass
-                raise CaffeError(f"data worker {i} (pid {p.pid}) died ({how}) while reading batch {self.expected}; "
+                        how = f"signal {-p.exitcode}"
+                raise CaffeError(f"data worker {i} (pid {p.pid}) died ({how}) while reading batch {b}; "
                                  "is the machine out of memory?")
 
-    def next(self) -> Batch:
-        b = self.expected
-        while b not in self.ready:
+    def _hand_over(self, b: int) -> None:
+        """The thread: batch ``b``, ``b+1``, … from the workers, each copied out of its slot (the slot then
+        goes to the next batch) and queued for :meth:`next`; an error is queued in its batch's place."""
+        arrived: dict[int, tuple] = {}
+        try:
+            while not self.stopping.is_set():
+                while b not in arrived:
+                    try:
+                        item = self.done.get(timeout=0.1)
+                    except queue.Empty:
+                        if self.stopping.is_set():
+                            return
+                        self._check_workers(b)
+                        continue
+                    arrived[item[0]] = item
+                _, slot, kind, payload = arrived.pop(b)
+                if kind == "error":
+                    raise CaffeError(payload)
+                if kind == "bug":
+                    raise RuntimeError(f"data worker, batch {b}: {payload}")
+                if kind == "slot":
+                    payload = {t: _copy_out(v, self.pin) for t, v in self.slots[slot].items()}
+                self._submit(slot)
+                self._put(payload)
+                b += 1
+        except Exception as e:  # noqa: BLE001 - handed to the trainer, which raises it
+            self._put(e)
+
+    def _put(self, item) -> None:
+        while not self.stopping.is_set():
             try:
-                item = self.done.get(timeout=POLL_SECONDS)
-            except queue.Empty:
-                self._check_workers()
+                self.ready.put(item, timeout=0.1)
+                return
+            except queue.Full:
                 continue
-            self.ready[item[0]] = item
-        _, slot, kind, payload = self.ready.pop(b)
-        self.expected += 1
-        if kind == "error":
-            raise CaffeError(payload)
-        if kind == "bug":
-            raise RuntimeError(f"data worker, batch {b}: {payload}")
-        if kind == "slot":
-            payload = {t: _copy_out(v, self.pin) for t, v in self.slots[slot].items()}
-        self._submit(slot)
-        return payload
+
+    def next(self) -> Batch:
+        while True:
+            try:
+                item = self.ready.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                if not self.thread.is_alive():
+                    raise RuntimeError("the data hand-over thread stopped") from None
+                continue
+            if isinstance(item, Exception):
+                raise item
+            return item
 
     def close(self) -> None:
-        """Stop the workers (at once: a batch being read is dropped) and free the queues."""
+        """Stop the thread and the workers (at once: a batch being read is dropped) and free the queues."""
+        self.stopping.set()
         for p in self.procs:
             if p.is_alive():
                 p.terminate()
+        self.thread.join(timeout=5)
         for p in self.procs:
             p.join(timeout=5)
         for q in (self.tasks, self.done):
             q.cancel_join_thread()
             q.close()
-        self.procs, self.ready = [], {}
+        self.procs = []
