@@ -38,16 +38,20 @@ def max_rel_error(actual: np.ndarray, expected: np.ndarray) -> float:
 
 
 def ort_session(model: onnx.ModelProto | bytes | str | Path, providers: list[str] | None = None,
-                threads: int = 0, profile_prefix: str | None = None):
+                threads: int = 0, profile_prefix: str | None = None, spinning: bool = False):
     """An onnxruntime InferenceSession (CPU unless ``providers`` says otherwise); with ``profile_prefix`` it
-    records every node's time (``end_profiling()`` writes the JSON trace there)."""
+    records every node's time (``end_profiling()`` writes the JSON trace there).
+
+    Idle pool threads sleep between operators unless ``spinning`` (ORT's own default). Measured by
+    ``bench_probe.py`` (BCNN batch 16, 2 cores), spinning makes ``session.run`` alone a few per cent faster
+    (143-146 against 136-141 images/s) and the probe pipeline, where images are decoded alongside, 0-8 %
+    (112-123 against 112-114), within the machine's noise; it keeps cores busy that decoding and any other
+    job on the machine need, so the project's sessions sleep."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    # Idle pool threads sleep instead of spinning: on a shared or busy CPU spinning burns the cores the
-    # image decoding (and everyone else) needs, for a latency gain that batched extraction does not see.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if threads:
         opts.intra_op_num_threads = threads
     if profile_prefix:
