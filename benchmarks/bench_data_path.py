@@ -5,8 +5,9 @@ two Data layers in lock-step) is read through ``runner.data.NetFeeder``, the pat
 uses: LMDB reads, Datum decoding, Caffe's transform, the batch tensors; with the reading in this process
 (``--workers 0``) and in 1, 2, … worker processes. Each figure is pairs/s over ``--batches`` batches after
 a warm-up batch, ``--runs`` times; and the milliseconds the training process itself spends per batch when
-the readers are ahead (the median of 40 batches with a pause between them): with workers, receiving a batch
-(a copy out of its shared-memory slot, :mod:`runner.prefetch`) is what a GPU step still pays. Last, the data
+the readers are ahead (the median of 40 batches with a pause between them): with workers, taking a batch
+that a thread has already copied out of its shared-memory slot (:mod:`runner.prefetch`) is what a GPU step
+still pays. Last, the data
 path behind a real training step: the thesis's net trained by ``runner.train.Trainer`` (one intra-op thread,
 so a worker has a core of its own on a 2-core machine), ms per iteration with ``NetFeeder.next()`` in the
 loop against the same loop on one batch read beforehand (compute alone); issue 16's goal is wall <= compute
