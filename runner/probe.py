@@ -367,7 +367,7 @@ def run(exp: Experiment) -> list[Result]:
     blobs = list(dict.fromkeys(b for _, b in exp.layers))
     results = []
     for method, path in exp.nets.items():
-        session = open_session(path, exp.device)
+        session = open_session(path, exp.device, threads=torch.get_num_threads())  # the verb's thread choice
         exp.providers_used[method] = session.get_providers()[0]
         shape = session.get_inputs()[0].shape
         tp = exp.transform or model_transform(path) or caffe_pb2.TransformationParameter()
@@ -481,6 +481,7 @@ def experiment_from_args(args: argparse.Namespace) -> Experiment:
 
 
 def probe(args: argparse.Namespace) -> int:
+    from runner import threads
     from runner.report import write_report
 
     exp = experiment_from_args(args)
@@ -496,8 +497,9 @@ def probe(args: argparse.Namespace) -> int:
     files = write_report(results, out, exp.config.kind, thesis=args.thesis_table)
     meta = {"probe": asdict(exp.config), "layers": exp.layers, "per_class": exp.per_class, "seed": exp.seed,
             "partitions": len(exp.partitions), "nets": exp.nets, "providers": exp.providers_used,
-            "timings_s": exp.timings, "results": [asdict(r) for r in results]}
+            "timings_s": exp.timings, "threads": threads.describe(), "results": [asdict(r) for r in results]}
     (out / "results.json").write_text(json.dumps(meta, indent=1))
     print(files["markdown"].read_text())
-    print(f"wrote {', '.join(str(f) for f in files.values())}, {out / 'results.json'}")
+    print(f"wrote {', '.join(str(f) for f in files.values())}, {out / 'results.json'} "
+          f"({', '.join(sorted(set(exp.providers_used.values())))}; {threads.describe() or 'torch default threads'})")
     return 0

@@ -43,6 +43,9 @@ def add_probe_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float, default=None)
     p.add_argument("--extract-batch", type=int32, default=64, help="images per ONNX Runtime call")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--threads", type=int32, default=None,
+                   help="CPU threads of ONNX Runtime and the probes (default: OMP_NUM_THREADS, else the usable CPUs "
+                   "shared with the other egomotion jobs running on them)")
     p.add_argument("--keep-features", action="store_true", help="keep <out>/features/ (memory-mapped .npy)")
     p.add_argument("--thesis-table", choices=["sun", "imagenet", "none"], default="sun")
     p.add_argument("-o", "--out", required=True, help="folder for probe.md, probe.csv, probe.png, results.json")

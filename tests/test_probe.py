@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 
 import cv2
@@ -146,9 +147,12 @@ def test_trained_lenet_probe_cli(tmp_path, capsys):
     rc = main(["probe", "--net", f"LENET={onnx_path}", "--probe", "linear", "--layers", "L1=pool1,L2=ip1",
                "--train-list", str(tmp_path / "digits.txt"), "--per-class", "5", "--splits", "2", "--iters", "40",
                "--batch-size", "50",
-               "--lr", "0.01", "--scale", "0.00390625", "--device", "cpu", "--thesis-table", "none", "-o", str(out)])
+               "--lr", "0.01", "--scale", "0.00390625", "--device", "cpu", "--thesis-table", "none", "-o", str(out),
+               "--threads", "2"])
     printed = capsys.readouterr().out
     assert rc == 0 and "| LENET |" in printed
+    assert "(CPUExecutionProvider; 2 intra-op thread(s) (--threads))" in printed
+    assert json.loads((out / "results.json").read_text())["threads"] == "2 intra-op thread(s) (--threads)"
     assert sorted(p.name for p in out.iterdir()) == ["probe.csv", "probe.md", "probe.png", "results.json"]
     assert (out / "probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = {r["layer"]: r for r in csv.DictReader((out / "probe.csv").open())}
