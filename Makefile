@@ -73,10 +73,13 @@ bench: $(STAMP)
 	-$(PY) benchmarks/fuzz.py  # failures are listed in the report; it is written anyway
 	$(PY) benchmarks/report.py
 
-# On a machine with a GPU: Caffe's golden trajectories trained on CUDA (cuDNN on and off) against Caffe's losses,
-# and the MNIST egomotion step's speed -> benchmarks/results/gpu.json (benchmarks/gpu_check.py).
+# On a machine with a GPU: Caffe's golden trajectories trained on CUDA (cuDNN, torch's own kernels, Caffe's
+# engine) against Caffe's losses; the MNIST step against the hand-written module, GPU-busy share, GEMM peak; the
+# data path; ONNX Runtime's CUDA provider; one-process NCCL -> benchmarks/results/gpu.json, then BENCHMARKS.md.
+# GPU_CHECK_FLAGS="--golden DIR --mnist DIR --timing DIR" where ../shared is not beside the checkout.
 gpu-check: $(STAMP)
-	$(PY) benchmarks/gpu_check.py --device cuda
+	$(PY) benchmarks/gpu_check.py --device cuda $(GPU_CHECK_FLAGS)
+	$(PY) benchmarks/report.py
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache .ruff_cache
