@@ -10,8 +10,9 @@ iteration instead of 24), where one thread each costs 1.4x. So the count is chos
 3. otherwise, automatic: the CPUs this process may use (its affinity, and its cgroup's CPU quota) divided
    among the egomotion jobs that share them, at least one each. Every job registers in a per-user folder
    (a file it holds locked while it lives, naming its CPUs); :func:`rebalance`, polled by the loops, looks
-   again every second, so a job alone gets every CPU back when the others end. Processes that are not
-   egomotion jobs are not seen.
+   again every second, so a job alone gets every CPU back when the others end. Jobs with a fixed count
+   (1. and 2., and the experiment engine's trainings) register too, and the automatic ones share what
+   they leave. Processes that are not egomotion jobs are not seen.
 """
 
 from __future__ import annotations
@@ -90,10 +91,11 @@ class ThreadChoice:
     source: str  # "--threads", "OMP_NUM_THREADS" or "auto"
     usable: int
 
-    def describe(self, jobs: int = 1) -> str:
+    def describe(self, jobs: int = 1, fixed: int = 0) -> str:
         if self.source != "auto":
             return f"{self.count} intra-op thread(s) ({self.source})"
         shared = f", shared by {jobs} egomotion jobs" if jobs > 1 else ""
+        shared += f", {fixed} taken by jobs with a fixed count" if fixed else ""
         return (f"{self.count} intra-op thread(s) (automatic: {self.usable} usable CPU(s){shared}; --threads N "
                 "fixes the count, and with it the last bits of the results)")
 
@@ -130,9 +132,10 @@ def jobs_folder() -> Path:
 class CpuShare:
     """This process's entry among the egomotion jobs, and its share of the CPUs when the choice is automatic.
 
-    The entry is a file ``<pid>.<n>`` holding this process's CPU list, locked (``flock``) while the process
-    lives: another job counts it when it cannot take the lock, and removes it when it can (its owner died
-    without cleaning up). Only jobs whose CPUs overlap ours are counted."""
+    The entry is a file ``<pid>.<n>`` holding this process's CPU list and thread count (``auto`` for an
+    automatic one), locked (``flock``) while the process lives: another job counts it when it cannot take
+    the lock, and removes it when it can (its owner died without cleaning up). Only jobs whose CPUs overlap
+    ours are counted. A job with a fixed count keeps it; the automatic ones share what the fixed ones leave."""
 
     _serial = 0
 
@@ -141,13 +144,16 @@ class CpuShare:
 
         self.choice, self.folder = choice, folder or jobs_folder()
         self.cpus = affinity()
-        self.jobs, self.next_poll = 1, 0.0
+        self.jobs, self.fixed, self.next_poll = 1, 0, 0.0
         self.before = torch.get_num_threads()
         self.file = None
-        if choice.source == "auto":
-            self._register()
+        self._register()
         torch.set_num_threads(choice.count)
         self.rebalance(force=True)
+
+    @property
+    def automatic(self) -> bool:
+        return self.choice.source == "auto"
 
     def _register(self) -> None:
         CpuShare._serial += 1
@@ -156,18 +162,21 @@ class CpuShare:
             self.path = self.folder / f"{os.getpid()}.{CpuShare._serial}"
             self.file = open(self.path, "w")  # noqa: SIM115 - held for the job's life
             fcntl.flock(self.file, fcntl.LOCK_EX)
-            self.file.write(",".join(map(str, sorted(self.cpus))))
+            count = "auto" if self.automatic else str(self.choice.count)
+            self.file.write(f"{','.join(map(str, sorted(self.cpus)))};{count}")
             self.file.flush()
         except OSError:  # no shared folder: the job runs alone as far as it knows
             self.file = None
+            return
+        self.others()  # removes the entries of jobs that died (a process pool's workers end without cleaning up)
 
-    def live_jobs(self) -> int:
-        """Jobs (this one included) whose CPUs overlap ours."""
-        count = 1
+    def others(self) -> tuple[int, int]:
+        """The other live jobs whose CPUs overlap ours: (how many are automatic, the threads the fixed ones use)."""
+        automatic = fixed = 0
         try:
             names = os.listdir(self.folder)
         except OSError:
-            return count
+            return 0, 0
         for name in names:
             path = self.folder / name
             if self.file is not None and path == self.path:
@@ -179,32 +188,41 @@ class CpuShare:
                     except OSError as e:
                         if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                             continue
-                        cpus = {int(c) for c in f.read().split(",") if c.strip().isdigit()}
-                        count += not cpus or bool(cpus & self.cpus)
+                        cpu_text, _, count = f.read().partition(";")
+                        cpus = {int(c) for c in cpu_text.split(",") if c.strip().isdigit()}
+                        if cpus and not cpus & self.cpus:
+                            continue
+                        if count.strip().isdigit():
+                            fixed += int(count)
+                        else:  # automatic, or an entry still being written
+                            automatic += 1
                         continue
                     path.unlink(missing_ok=True)  # its owner is gone
             except OSError:
                 continue
-        return count
+        return automatic, fixed
 
     def rebalance(self, force: bool = False) -> str | None:
-        """In automatic mode, at most once a second: threads = usable CPUs // jobs sharing them (>= 1).
-        Returns a line for the log when the count changed."""
-        if self.file is None:
+        """In automatic mode, at most once a second: threads = (usable CPUs - the fixed jobs' threads) // the
+        automatic jobs (>= 1). Returns a line for the log when the count changed."""
+        if self.file is None or not self.automatic:
             return None
         now = time.monotonic()
         if not force and now < self.next_poll:
             return None
         self.next_poll = now + POLL_SECONDS
-        self.jobs = self.live_jobs()
-        count = max(1, self.choice.usable // self.jobs)
+        automatic, self.fixed = self.others()
+        self.jobs = 1 + automatic
+        count = max(1, (self.choice.usable - self.fixed) // self.jobs)
         if count == self.choice.count:
             return None
         before, self.choice.count = self.choice.count, count
         import torch
 
         torch.set_num_threads(count)
-        return f"Intra-op threads {before} -> {count}: {self.jobs} egomotion job(s) share {self.choice.usable} CPU(s)"
+        fixed = f" ({self.fixed} thread(s) taken by jobs with a fixed count)" if self.fixed else ""
+        return (f"Intra-op threads {before} -> {count}: {self.jobs} egomotion job(s) share {self.choice.usable} "
+                f"CPU(s){fixed}")
 
     def close(self) -> None:
         if self.file is not None:
@@ -227,7 +245,8 @@ def start(flag: int | None) -> CpuShare:
 
 
 def stop() -> None:
-    while _ACTIVE:
+    """Undo the latest :func:`start`: its entry removed, torch's thread count as it was."""
+    if _ACTIVE:
         _ACTIVE.pop().close()
 
 
@@ -240,4 +259,4 @@ def rebalance(log=None) -> None:
 
 def describe() -> str | None:
     """The log header's line on threads, when a verb chose them."""
-    return _ACTIVE[-1].choice.describe(_ACTIVE[-1].jobs) if _ACTIVE else None
+    return _ACTIVE[-1].choice.describe(_ACTIVE[-1].jobs, _ACTIVE[-1].fixed) if _ACTIVE else None

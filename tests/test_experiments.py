@@ -177,6 +177,8 @@ def test_gpu_jobs_each_take_a_gpu_in_turn(monkeypatch):
 
     import torch
 
+    from runner import threads as cpu_threads
+
     monkeypatch.setattr(engine, "_WORKER_GPU", [])
     counter = multiprocessing.get_context("spawn").Value("i", 0)
     taken, threads = [], torch.get_num_threads()
@@ -185,6 +187,8 @@ def test_gpu_jobs_each_take_a_gpu_in_turn(monkeypatch):
             engine.init_job_process(1, [3, 5], counter)
             taken.append(engine.job_gpu("3,5"))
     finally:
+        for _ in taken:
+            cpu_threads.stop()  # each job process registered its one fixed thread
         torch.set_num_threads(threads)
     assert taken == ["3", "5", "3"]
     engine._WORKER_GPU.clear()

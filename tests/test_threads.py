@@ -89,12 +89,12 @@ def test_jobs_share_the_cpus_and_take_them_back(tmp_path):
 
 
 def test_a_dead_jobs_file_is_removed_and_other_cpus_do_not_count(tmp_path):
-    (tmp_path / "999999.1").write_text("0")  # nobody holds its lock: its job died
+    (tmp_path / "999999.1").write_text("0;auto")  # nobody holds its lock: its job died
     elsewhere = tmp_path / "elsewhere"
     other_cpus = max(threads.affinity()) + 1
     with open(elsewhere, "w") as held:  # a live job on CPUs this process cannot use
         fcntl.flock(held, fcntl.LOCK_EX)
-        held.write(str(other_cpus))
+        held.write(f"{other_cpus};auto")
         held.flush()
         share = CpuShare(_auto(2), tmp_path)
         assert share.jobs == 1 and share.choice.count == 2
@@ -102,14 +102,23 @@ def test_a_dead_jobs_file_is_removed_and_other_cpus_do_not_count(tmp_path):
         share.close()
 
 
-def test_a_fixed_choice_neither_registers_nor_changes(tmp_path):
-    other = CpuShare(_auto(2), tmp_path)
-    fixed = CpuShare(ThreadChoice(2, "--threads", 2), tmp_path)
-    assert fixed.rebalance(force=True) is None and torch.get_num_threads() == 2
-    assert len(list(tmp_path.iterdir())) == 1  # only the automatic job
-    assert other.rebalance(force=True) is None  # alone as far as shares go
-    fixed.close()
-    other.close()
+def test_fixed_counts_keep_theirs_and_the_automatic_jobs_share_the_rest(tmp_path):
+    automatic = CpuShare(_auto(8), tmp_path)
+    fixed = CpuShare(ThreadChoice(3, "--threads", 8), tmp_path)
+    assert fixed.rebalance(force=True) is None and fixed.choice.count == 3  # a fixed count never changes
+    assert torch.get_num_threads() == 3
+    assert automatic.rebalance(force=True) == ("Intra-op threads 8 -> 5: 1 egomotion job(s) share 8 CPU(s) "
+                                               "(3 thread(s) taken by jobs with a fixed count)")
+    second = CpuShare(_auto(8), tmp_path)
+    assert second.choice.count == 2
+    assert second.choice.describe(second.jobs, second.fixed) == (
+        "2 intra-op thread(s) (automatic: 8 usable CPU(s), shared by 2 egomotion jobs, 3 taken by jobs with a "
+        "fixed count; --threads N fixes the count, and with it the last bits of the results)")
+    crowded = CpuShare(ThreadChoice(9, "OMP_NUM_THREADS", 8), tmp_path)
+    assert second.rebalance(force=True) and second.choice.count == 1  # never below one
+    for share in (crowded, second, fixed, automatic):
+        share.close()
+    assert not list(tmp_path.iterdir())
 
 
 def _egomotion(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -274,11 +274,12 @@ _WORKER_GPU: list[str] = []  # the one GPU of this job process, when several GPU
 
 
 def init_job_process(threads: int, gpus: list[int], counter) -> None:
-    """A job process's set-up: its intra-op threads and, with GPUs, the next one in turn (``counter`` is a
-    shared ``multiprocessing.Value``), so the processes running side by side each have a GPU of their own."""
-    import torch
+    """A job process's set-up: its intra-op threads (registered as a fixed count, so automatic egomotion jobs
+    on the machine leave them their cores) and, with GPUs, the next one in turn (``counter`` is a shared
+    ``multiprocessing.Value``), so the processes running side by side each have a GPU of their own."""
+    from runner import threads as cpu_threads
 
-    torch.set_num_threads(threads)
+    cpu_threads.start(threads)
     if gpus:
         with counter.get_lock():
             k = counter.value
@@ -357,18 +358,17 @@ def run_jobs(fn: Callable, jobs: list[tuple], workers: int, threads: int, done: 
     The thread count is the run's own, never derived from ``workers``: a convolution's weight gradient sums
     over the batch in thread-sized slices, so its last bits depend on the threads, and ``--jobs`` must not
     change a number (as Caffe's prefetch threads never do)."""
-    import torch
+    from runner import threads as cpu_threads
 
     results: dict[int, object] = {}
     if workers <= 1:
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
+        cpu_threads.start(threads)
         try:
             for k, job in enumerate(jobs):
                 results[k] = fn(*job)
                 done(len(results), job, results[k])
         finally:
-            torch.set_num_threads(before)
+            cpu_threads.stop()
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
