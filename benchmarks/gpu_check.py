@@ -4,8 +4,11 @@
 * every golden training trajectory of ``../shared/reference/golden`` trained by ``egomotion train`` on the
   device, with cuDNN on (torch's default) and off (torch's own kernels, the closest to Caffe's
   ``engine: CAFFE``): the largest relative loss error against BVLC Caffe's ``losses.tsv``;
+* the same trajectories with ``--cuda-graph`` (the pass captured as CUDA graphs), whose losses should be
+  the eager cuDNN run's exactly;
 * the MNIST egomotion net (the thesis's, batch 125) through the real training loop: milliseconds per
-  iteration, as the difference of two runs so that building the nets is not counted;
+  iteration (eager, ``--engine caffe``, ``--cuda-graph``), as the difference of two runs so that building
+  the nets is not counted;
 * the same net's step (forward, backward, Caffe's SGD update) on one batch against the hand-written module
   of ``handwritten.py`` with ``torch.optim.SGD``, interleaved on the same device (issue 16's goal: <= 1.05x),
   the share of that step the GPU is busy (kernel time under torch's profiler), and the GEMM peak;
@@ -55,7 +58,7 @@ def versions(device: str) -> dict:
     return out
 
 
-def trajectory(case: Path, gpu: str | None, iters: int | None) -> dict:
+def trajectory(case: Path, gpu: str | None, iters: int | None, cuda_graph: bool = False) -> dict:
     """One golden case trained here; the largest relative loss error against Caffe's, per iteration."""
     from converter.io import read_solver
     from runner.train import TrainOptions, run
@@ -68,13 +71,15 @@ def trajectory(case: Path, gpu: str | None, iters: int | None) -> dict:
     with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(case), contextlib.redirect_stderr(io.StringIO()):
         sp.snapshot_prefix = str(Path(tmp) / "final")
         init = "init.caffemodel" if (case / "init.caffemodel").exists() else "../_data/lenet_init.caffemodel"
-        trainer = run(sp, "solver.prototxt", TrainOptions(weights=[init], gpu=gpu, progress=False, quiet=True))
+        trainer = run(sp, "solver.prototxt", TrainOptions(weights=[init], gpu=gpu, progress=False, quiet=True,
+                                                          cuda_graph=cuda_graph))
     errors = {r.iter: abs(r.loss - caffe[r.iter]) / abs(caffe[r.iter]) for r in trainer.records if r.iter in caffe}
     worst = max(errors, key=errors.get)
-    return {"iterations": len(errors), "max_rel_loss_error": errors[worst], "at_iteration": worst}
+    return {"iterations": len(errors), "max_rel_loss_error": errors[worst], "at_iteration": worst,
+            "losses": [r.loss for r in trainer.records]}
 
 
-def step_ms(images, gpu: str | None, iters: int) -> float:
+def step_ms(images, gpu: str | None, iters: int, cuda_graph: bool = False) -> float:
     """Milliseconds per training iteration of the MNIST egomotion net (batch 125), data path included."""
     from converter.io import read_solver
     from runner.train import TrainOptions, run
@@ -84,7 +89,8 @@ def step_ms(images, gpu: str | None, iters: int) -> float:
         sp.max_iter, sp.snapshot_after_train = n, False
         start = time.perf_counter()
         with contextlib.redirect_stderr(io.StringIO()):
-            run(sp, str(folder / "solver.prototxt"), TrainOptions(gpu=gpu, progress=False, quiet=True))
+            run(sp, str(folder / "solver.prototxt"), TrainOptions(gpu=gpu, progress=False, quiet=True,
+                                                                  cuda_graph=cuda_graph))
         if gpu is not None:
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -274,13 +280,18 @@ def main() -> int:
 
     # (cuDNN enabled, --engine): torch's convolution with cuDNN's algorithms, torch's own kernels, and
     # Caffe's engine (im2col + cuBLAS GEMM, converter/layers/vision.py im2col_conv)
-    modes = {"cudnn": (True, None), "native": (False, None), "caffe_engine": (True, "caffe")} if gpu else \
-        {"cpu": (True, None), "cpu_caffe_engine": (True, "caffe")}
-    for mode, (cudnn, engine) in modes.items():
+    # and, with --cuda-graph, the cuDNN pass captured as CUDA graphs (its losses should be the eager ones)
+    modes = {"cudnn": (True, None, False), "native": (False, None, False), "caffe_engine": (True, "caffe", False),
+             "cudnn_graph": (True, None, True)} if gpu else \
+        {"cpu": (True, None, False), "cpu_caffe_engine": (True, "caffe", False)}
+    for mode, (cudnn, engine, graph) in modes.items():
         torch.backends.cudnn.enabled = cudnn
         set_net_engine(engine)
         for case in cases:
-            result = trajectory(golden / case, gpu, 5 if args.quick else None)
+            try:
+                result = trajectory(golden / case, gpu, 5 if args.quick else None, graph)
+            except Exception as e:  # noqa: BLE001 - one mode failing must not lose the others' figures
+                result = {"error": f"{type(e).__name__}: {e}", "max_rel_loss_error": math.inf, "at_iteration": -1}
             record["trajectories"].setdefault(case, {})[mode] = result
     torch.backends.cudnn.enabled = True
     set_net_engine(None)
@@ -296,6 +307,11 @@ def main() -> int:
             record["mnist_step_ms_caffe_engine"] = step_ms(images, gpu, 3 if args.quick else 200)
         finally:
             set_net_engine(None)
+        if gpu is not None:
+            try:
+                record["mnist_step_ms_cuda_graph"] = step_ms(images, gpu, 200, cuda_graph=True)
+            except Exception as e:  # noqa: BLE001 - recorded; the rest of the check still counts
+                record["mnist_step_ms_cuda_graph"] = f"{type(e).__name__}: {e}"
         record["data_path"] = data_path(images, gpu, args.quick)
     timing = Path(args.timing) / "thesis_mnist_egomotion_b125.prototxt"
     if timing.exists():
@@ -305,6 +321,9 @@ def main() -> int:
     record["nccl"] = nccl_one_process() if gpu else {"skipped": "no GPU"}
     worst = {mode: max((t[mode]["max_rel_loss_error"] for t in record["trajectories"].values()), default=math.nan)
              for mode in modes}
+    if gpu is not None:  # captured against eager: the same kernels, so the same losses?
+        record["cuda_graph_equal_to_eager"] = {case: t["cudnn_graph"].get("losses") == t["cudnn"].get("losses")
+                                               for case, t in record["trajectories"].items()}
     record["worst_rel_loss_error"] = worst
     out = Path(args.out) if args.out else RESULTS / ("gpu_quick.json" if args.quick else "gpu.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -144,16 +144,29 @@ def gpu_section(record: dict) -> list[str]:
              f"{v['python']}. Each golden trajectory trained by `egomotion train --gpu 0`; the largest relative "
              "loss error against BVLC Caffe's `losses.tsv` (CPU tolerance: 1e-4, adagrad 3e-3), with cuDNN on "
              "(torch's default), off (torch's own kernels) and, where measured, Caffe's own engine (`--engine "
-             "caffe`: im2col + cuBLAS GEMM):", "",
+             "caffe`: im2col + cuBLAS GEMM) and the cuDNN pass captured as CUDA graphs (`--cuda-graph`):", "",
              "| case | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+
+    def cell(result: dict) -> str:
+        if "error" in result:
+            return f"failed: {result['error'][:80]}"
+        return f"{result['max_rel_loss_error']:.1e} (iteration {result['at_iteration']})"
+
     for case, by_mode in record["trajectories"].items():
-        lines.append(f"| {case} | " + " | ".join(f"{by_mode[m]['max_rel_loss_error']:.1e} (iteration "
-                                                  f"{by_mode[m]['at_iteration']})" for m in modes) + " |")
+        lines.append(f"| {case} | " + " | ".join(cell(by_mode[m]) for m in modes) + " |")
+    same = record.get("cuda_graph_equal_to_eager")
+    if same:
+        lines += ["", f"Captured losses equal to the eager cuDNN run's in {sum(same.values())} of {len(same)} cases"
+                  + (f" (not: {', '.join(c for c, ok in same.items() if not ok)})" if not all(same.values()) else "")
+                  + "."]
     if "mnist_step_ms" in record:
+        graph = record.get("mnist_step_ms_cuda_graph")
         lines += ["", f"MNIST egomotion net (batch 125), the real training loop: {record['mnist_step_ms']:.1f} ms per "
                   f"iteration, so the thesis's 40,000 iterations take {record['mnist_40k_minutes']:.1f} min"
                   + (f"; with `--engine caffe` {record['mnist_step_ms_caffe_engine']:.1f} ms per iteration"
-                     if "mnist_step_ms_caffe_engine" in record else "") + ".", ""]
+                     if "mnist_step_ms_caffe_engine" in record else "")
+                  + (f"; with `--cuda-graph` {graph:.1f} ms" if isinstance(graph, float) else
+                     f"; `--cuda-graph` failed: {graph}" if graph else "") + ".", ""]
     eager = record.get("eager_vs_handwritten")
     if eager:
         busy = f"; the GPU is busy {eager['gpu_busy_share']:.0%} of our step (profiler)" if "gpu_busy_share" in eager \

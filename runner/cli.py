@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", default=None, help="the train net's NetState stages, comma-separated")
     p.add_argument("--log", default=None, help="log file (default: train.log beside the snapshots)")
     p.add_argument("--csv", default=None, help="CSV file (default: train.csv beside the snapshots)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="with one GPU: capture the forward and backward pass as CUDA graphs once and replay them "
+                   "(two launches a pass instead of one per operator); the solver's update stays eager")
     p.add_argument("--workers", type=int32, default=None,
                    help="data reading processes (0: in the main process; default 0 on the CPU, up to 4 with --gpu, "
                    "so the data is read ahead of the GPU); never changes a number")

@@ -186,12 +186,19 @@ class Trainer:
         blobs: dict[str, torch.Tensor] = {}
         for i in range(sp.iter_size):
             batch = self.train_feeder.next()
-            local = self.ddp is not None and i < sp.iter_size - 1
-            with distributed.no_sync(self.ddp) if local else contextlib.nullcontext():
-                blobs = model(batch)
-                loss = net.loss(blobs)
-                if loss.requires_grad:
-                    loss.backward()
+            if self.graphed is None and self.opts.cuda_graph:
+                self.graphed = self.capture(batch)
+            if self.graphed:
+                loss, blobs = self.graphed(batch)
+                loss.backward()
+                loss = loss.clone()  # the graph's buffer: the next pass overwrites it
+            else:
+                local = self.ddp is not None and i < sp.iter_size - 1
+                with distributed.no_sync(self.ddp) if local else contextlib.nullcontext():
+                    blobs = model(batch)
+                    loss = net.loss(blobs)
+                    if loss.requires_grad:
+                        loss.backward()
             value = loss.detach().to(torch.float32).reshape(())
             total = value if total is None else total + value
         self.last_blobs = blobs  # what pycaffe's solver.net.blobs shows after a step
@@ -199,6 +206,20 @@ class Trainer:
         if self.ddp is not None:
             mean = distributed.mean_tensor(mean)
         return mean, blobs
+
+    def capture(self, batch: dict[str, torch.Tensor]):
+        """The pass captured as CUDA graphs (``--cuda-graph``), or False (and a log line) where capture fails:
+        the run goes on eagerly."""
+        from runner.cuda_graph import graph_pass
+
+        try:
+            graphed = graph_pass(self.net, batch, self.outputs)
+        except Exception as e:  # noqa: BLE001 - torch's capture errors have no common type
+            self.log.line("cuda_graph.py:1", f"CUDA graph capture failed ({type(e).__name__}: "
+                                             f"{str(e).splitlines()[0] if str(e) else ''}); training eagerly", "W")
+            return False
+        self.log.line("cuda_graph.py:1", "Forward and backward captured as CUDA graphs (--cuda-graph)")
+        return graphed
 
     def read_losses(self) -> tuple[int, float] | None:
         """The losses not yet read, brought to the host in one transfer and fed in order to Caffe's smoothed
@@ -255,6 +276,10 @@ class Trainer:
         try:
             self.device = pick_device(opts.gpu, self.log)
             self.defer_losses = self.device.type == "cuda"
+            if opts.cuda_graph and (self.device.type != "cuda" or self.world > 1):
+                raise CaffeError("--cuda-graph needs one GPU (--gpu N): it captures CUDA kernels, and a multi-GPU "
+                                 "run's gradients are all-reduced outside the graph")
+            self.graphed = None
             self.seed = sp.random_seed if sp.random_seed >= 0 else int.from_bytes(os.urandom(4), "little")
             if sp.random_seed < 0:
                 self.log.line("solver.cpp:48", f"random_seed not set: using {self.seed} (set it to reproduce)")
@@ -498,7 +523,7 @@ def train(args: argparse.Namespace) -> int:
                         iterations=args.iterations, sigint_effect=args.sigint_effect,
                         sighup_effect=args.sighup_effect, level=args.level,
                         stages=[s for s in (args.stage or "").split(",") if s], log=args.log, csv=args.csv,
-                        workers=args.workers)
+                        workers=args.workers, cuda_graph=args.cuda_graph)
     sp = read_solver(args.solver)
     check_solver(sp, args.solver)
     if distributed.wants_spawn(args.gpu):
@@ -523,6 +548,7 @@ class TrainOptions:
     progress: bool | None = None  # default: when stderr is a terminal
     workers: int = 0
     quiet: bool = False
+    cuda_graph: bool = False  # forward and backward captured as CUDA graphs (runner/cuda_graph.py)
 
 
 class Signals:

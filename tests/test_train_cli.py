@@ -210,6 +210,41 @@ def test_a_nan_read_late_names_its_iteration_and_keeps_the_later_weights(tmp_pat
     assert state.iter == read_at
 
 
+def test_the_graphed_pass_is_plumbed_like_the_eager_one(tmp_path, monkeypatch):
+    """--cuda-graph's plumbing on the CPU: torch's capture replaced by a stand-in that runs the pass three
+    times (as its warm-up does) and then returns it eagerly. The run's losses and weights equal the eager
+    run's (inputs in order, outputs by name, the loss copied out, the warm-up's effects undone); a capture
+    that fails is a warning line and an eager run."""
+    import runner.cuda_graph as cuda_graph
+
+    def stand_in(module, args, allow_unused_input=False):
+        for _ in range(3):
+            module(*args)[0].sum()  # the warm-up's passes (Dropout draws, BatchNorm statistics)
+        return module
+
+    monkeypatch.setattr(cuda_graph.torch.cuda, "make_graphed_callables", stand_in)
+    results = {}
+    for mode in ("eager", "graphed", "failed"):
+        if mode == "failed":
+            monkeypatch.setattr(cuda_graph.torch.cuda, "make_graphed_callables",
+                                lambda *a, **k: (_ for _ in ()).throw(RuntimeError("capture not permitted")))
+        sp = read_solver(write_case(tmp_path / mode, max_iter=12, snapshot=0, display=4, test_interval=1000,
+                                    test_initialization=False))
+        trainer = Trainer(sp, str(tmp_path / mode / "solver.prototxt"), TrainOptions(progress=False))
+        trainer.opts.cuda_graph = mode != "eager"  # past the GPU check: the stand-in needs none
+        try:
+            records = trainer.solve()
+        finally:
+            trainer.close()
+        results[mode] = ([(r.iter, r.loss) for r in records], [p.detach().clone() for p in trainer.net.params])
+    for mode in ("graphed", "failed"):
+        assert results[mode][0] == results["eager"][0]
+        assert all(torch.equal(a, b) for a, b in zip(results[mode][1], results["eager"][1], strict=True))
+    assert "captured as CUDA graphs" in (tmp_path / "graphed" / "train.log").read_text()
+    assert "CUDA graph capture failed (RuntimeError: capture not permitted); training eagerly" in \
+        (tmp_path / "failed" / "train.log").read_text()
+
+
 def test_signals_stop_and_snapshot(tmp_path, monkeypatch):
     sp = read_solver(write_case(tmp_path, max_iter=30, snapshot=0))
     requests = {3: "snapshot", 7: "stop"}
