@@ -279,7 +279,8 @@ def verify(model: onnx.ModelProto | bytes, net: CaffeNet, plan: DeployNet, batch
     mismatch or an error above ``rtol``.
     """
     cuda = device is not None and device.type == "cuda"
-    session = ort_session(model, ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else None)
+    session = ort_session(model, ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else None,
+                          threads=torch.get_num_threads())  # the verb's share of the CPUs
     errors = {name: 0.0 for name in plan.outputs}
     if trace_batch(plan) is None:
         batches = (None,)

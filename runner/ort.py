@@ -42,11 +42,12 @@ def ort_session(model: onnx.ModelProto | bytes | str | Path, providers: list[str
     """An onnxruntime InferenceSession (CPU unless ``providers`` says otherwise); with ``profile_prefix`` it
     records every node's time (``end_profiling()`` writes the JSON trace there).
 
-    Idle pool threads sleep between operators unless ``spinning`` (ORT's own default). Measured by
-    ``bench_probe.py`` (BCNN batch 16, 2 cores), spinning makes ``session.run`` alone a few per cent faster
-    (143-146 against 136-141 images/s) and the probe pipeline, where images are decoded alongside, 0-8 %
-    (112-123 against 112-114), within the machine's noise; it keeps cores busy that decoding and any other
-    job on the machine need, so the project's sessions sleep."""
+    Idle pool threads sleep between operators unless ``spinning`` (ORT's own default). ``bench_probe.py``
+    (BCNN batch 16, 2 cores, each run after a 50 ms pause) finds both about equal: 145-156 images/s sleeping
+    against 147-154 spinning, and 122-126 against 123-132 in the probe pipeline, where images are decoded
+    alongside. (Timed back to back, spinning looked up to 16 % faster: a pool that is
+    still spinning from the last run starts the next one sooner.) Sleeping threads leave their cores to
+    decoding and to other jobs, so sessions sleep."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
