@@ -432,13 +432,39 @@ class LRN(Layer):
             mean = F.avg_pool2d(planes, (n, 1), 1, (pre_pad, 0), False, True).reshape(x.shape)
             return [x * torch.exp(torch.log(self.k + self.alpha * mean) * -self.beta)]
         else:
-            # The window sum as n shifted slices of the zero-padded squares (Caffe accepts fewer channels
-            # than local_size): n cheap adds, where a 3-D average pool pays per-plane overhead on the small
-            # maps of the thesis's nets (6x slower there, forward and backward).
-            channels = square.shape[1]
-            padded = F.pad(square, (0, 0, 0, 0, pre_pad, pre_pad))
-            window = padded[:, :channels]
-            for shift in range(1, n):
-                window = window + padded[:, shift:shift + channels]
-            scale = self.k + self.alpha * (window / n)
+            return [AcrossChannels.apply(x, n, self.alpha, self.beta, self.k)]
         return [x * scale.pow(-self.beta)]
+
+
+def channel_window_sum(t: torch.Tensor, size: int) -> torch.Tensor:
+    """``sum_{|c'-c| <= (size-1)/2} t[:, c']`` with the channels outside ``[0, C)`` counting nothing (Caffe
+    accepts fewer channels than local_size): ``size`` shifted slices of the zero-padded tensor, cheap adds
+    where a 3-D average pool pays per-plane overhead on the small maps of the thesis's nets (6x slower)."""
+    pre_pad = (size - 1) // 2
+    channels = t.shape[1]
+    padded = F.pad(t, (0, 0, 0, 0, pre_pad, pre_pad))
+    window = padded[:, :channels]
+    for shift in range(1, size):
+        window = window + padded[:, shift:shift + channels]
+    return window
+
+
+class AcrossChannels(torch.autograd.Function):
+    """ACROSS_CHANNELS LRN with Caffe's own backward (``CrossChannelBackward``):
+    ``dx = dy * scale^-beta - (2 alpha beta / n) * x * windowsum(dy * y / scale)``. It is the exact gradient
+    as autograd's is, but in Caffe's arithmetic, and a window sum of adds where autograd's backward of the
+    shifted slices zero-fills and copies a padded tensor per slice (twice the kernels of the forward)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
+        scale = k + alpha * (channel_window_sum(x * x, size) / size)
+        y = x * scale.pow(-beta)
+        ctx.save_for_backward(x, y, scale)
+        ctx.size, ctx.beta, ctx.ratio = size, beta, 2.0 * alpha * beta / size
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, y, scale = ctx.saved_tensors
+        accum = channel_window_sum(dy * y / scale, ctx.size)
+        return dy * scale.pow(-ctx.beta) - ctx.ratio * x * accum, None, None, None, None
