@@ -34,6 +34,7 @@ from google.protobuf import text_format
 from converter import caffe_pb2
 from converter.errors import CaffeError
 from converter.io import read_binary, read_net, read_solver, write_message
+from converter.layers.loss import check_deferred_labels, deferred_label_checks
 from converter.net import CaffeNet
 from converter.weights import copy_trained_layers, load_weights, save_weights
 from runner import distributed, threads
@@ -179,9 +180,20 @@ class Trainer:
         The loss stays a float32 scalar on the device (float sums and one division, as Caffe's host floats:
         IEEE single precision either side), so a GPU step never waits for it. Under DDP the gradients are
         all-reduced once, on the last pass, and the loss is averaged over the processes."""
+        sp = self.sp
+        torch.manual_seed(seed_for(self.seed + self.rank, it))  # Caffe seeds solver r with seed + r
+        with deferred_label_checks(self.defer_losses):  # a GPU pass reads nothing back, labels included
+            total, blobs = self.passes()
+        self.last_blobs = blobs  # what pycaffe's solver.net.blobs shows after a step
+        mean = total / sp.iter_size if sp.iter_size > 1 else total
+        if self.ddp is not None:
+            mean = distributed.mean_tensor(mean)
+        return mean, blobs
+
+    def passes(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The ``iter_size`` passes of one iteration: their summed loss and the last pass's blobs."""
         sp, net = self.sp, self.net
         model = self.ddp or net
-        torch.manual_seed(seed_for(self.seed + self.rank, it))  # Caffe seeds solver r with seed + r
         total: torch.Tensor | None = None
         blobs: dict[str, torch.Tensor] = {}
         for i in range(sp.iter_size):
@@ -201,11 +213,7 @@ class Trainer:
                         loss.backward()
             value = loss.detach().to(torch.float32).reshape(())
             total = value if total is None else total + value
-        self.last_blobs = blobs  # what pycaffe's solver.net.blobs shows after a step
-        mean = total / sp.iter_size if sp.iter_size > 1 else total
-        if self.ddp is not None:
-            mean = distributed.mean_tensor(mean)
-        return mean, blobs
+        return total, blobs
 
     def capture(self, batch: dict[str, torch.Tensor]):
         """The pass captured as CUDA graphs (``--cuda-graph``), or False (and a log line) where capture fails:
@@ -226,6 +234,8 @@ class Trainer:
         loss; the first (iteration, loss) that is not finite, if any."""
         if not self.pending:
             return None
+        if self.defer_losses:
+            check_deferred_labels(self.net.layers)
         iterations = [it for it, _ in self.pending]
         values = torch.stack([loss for _, loss in self.pending]).cpu().tolist()
         self.pending = []

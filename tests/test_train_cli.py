@@ -18,6 +18,7 @@ import torch
 from google.protobuf import text_format
 
 from converter import caffe_pb2
+from converter.errors import CaffeError
 from converter.io import blob_to_array, read_binary, read_net, read_solver
 from runner.train import Signals, Trainer, TrainOptions, run
 from tests.golden import GOLDEN, REFERENCE
@@ -208,6 +209,29 @@ def test_a_nan_read_late_names_its_iteration_and_keeps_the_later_weights(tmp_pat
     assert nan_at < read_at and read_at % 5 == 0
     state = read_binary(tmp_path / f"lenet_iter_{read_at}_nan.solverstate", caffe_pb2.SolverState())
     assert state.iter == read_at
+
+
+def test_labels_checked_on_the_device_stop_where_the_losses_are_read(tmp_path):
+    """A GPU step reads no label range back: the check is a device flag per loss layer, read with the losses.
+    Run on the CPU in that mode, a net with 5 classes fed digits 0-9 stops at the first read with the layer's
+    one-line error (read at once, it stops in the first forward naming the value)."""
+    folder = tmp_path / "late"
+    sp = read_solver(write_case(folder, max_iter=30, snapshot=0, display=10, test_interval=1000,
+                                test_initialization=False))
+    net = folder / "net.prototxt"
+    net.write_text(net.read_text().replace("num_output: 10", "num_output: 5"))
+    trainer = Trainer(sp, str(folder / "solver.prototxt"), TrainOptions(progress=False, quiet=True))
+    trainer.defer_losses = True
+    try:
+        with pytest.raises(CaffeError, match=r"layer 'loss' \(SoftmaxWithLoss\): a label outside \[0, 5\) "
+                                             r"reached this layer \(checked on the device"):
+            trainer.solve()
+        assert trainer.solver.iter == 0  # iteration 0 displays: the losses (and the flags) are read there
+    finally:
+        trainer.close()
+    with pytest.raises(CaffeError, match=r"label value \d outside \[0, 5\)"):
+        run(read_solver(folder / "solver.prototxt"), str(folder / "solver.prototxt"),
+            TrainOptions(progress=False, quiet=True))
 
 
 def test_the_graphed_pass_is_plumbed_like_the_eager_one(tmp_path, monkeypatch):

@@ -9,6 +9,8 @@ log clamps, ContrastiveLoss's ``1e-4``) a small ``torch.autograd.Function`` repr
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -55,7 +57,34 @@ def normalizer(mode: int, outer: int, inner: int, valid: Tensor | None, like: Te
         return valid.sum().to(like.dtype).clamp_min(1.0)
     value = {Normalization.Value("FULL"): outer * inner, Normalization.Value("VALID"): outer * inner,
              Normalization.Value("BATCH_SIZE"): outer, Normalization.Value("NONE"): 1}[mode]
-    return torch.tensor(float(max(1, value)), dtype=like.dtype, device=like.device)
+    # a fill on the device: no copy from the host (which would wait, and cannot be captured in a CUDA graph)
+    return torch.full((), float(max(1, value)), dtype=like.dtype, device=like.device)
+
+
+_DEFERRED = [False]
+
+
+@contextlib.contextmanager
+def deferred_label_checks(on: bool = True):
+    """Within: label ranges are checked on the device, into a flag per layer (``labels_ok``) that
+    :func:`check_deferred_labels` reads later, instead of by reading the labels' range back to the host at
+    every pass. The trainer's GPU step reads nothing back (and a CUDA graph cannot hold a host read); it
+    reads the flags where it reads its losses. Out-of-range labels are meanwhile used as class 0."""
+    before, _DEFERRED[0] = _DEFERRED[0], on
+    try:
+        yield
+    finally:
+        _DEFERRED[0] = before
+
+
+def check_deferred_labels(layers) -> None:
+    """The one-line error of the first layer whose device-side check saw a label outside its classes."""
+    for layer in layers:
+        flag = getattr(layer, "labels_ok", None)
+        if flag is not None and not bool(flag):
+            raise layer.error(f"a label outside [0, {layer.label_classes}) reached this layer (checked on the "
+                              "device; found where the losses are read, at a display iteration or within 50 "
+                              "iterations)")
 
 
 def class_labels(layer: Layer, label: Tensor, outer: int, inner: int, num_classes: int,
@@ -66,12 +95,18 @@ def class_labels(layer: Layer, label: Tensor, outer: int, inner: int, num_classe
     DCHECK in Caffe (garbage memory in a release build); here it is an error naming the value.
     """
     lab = label.detach().reshape(outer, inner).to(torch.long)
+    valid = lab != ignore_label if ignore_label is not None else torch.ones_like(lab, dtype=torch.bool)
+    if _DEFERRED[0]:
+        in_range = (lab >= 0) & (lab < num_classes)
+        if getattr(layer, "labels_ok", None) is None:
+            layer.labels_ok, layer.label_classes = torch.ones((), dtype=torch.bool, device=lab.device), num_classes
+        layer.labels_ok.logical_and_((in_range | ~valid).all())
+        return torch.where(valid & in_range, lab, torch.zeros_like(lab)), valid
     if ignore_label is None and lab.numel():
         # One pass for the common case; a bad label falls through to the report naming the first one.
         low, high = (int(v) for v in torch.aminmax(lab))
         if low >= 0 and high < num_classes:
-            return lab, torch.ones_like(lab, dtype=torch.bool)
-    valid = lab != ignore_label if ignore_label is not None else torch.ones_like(lab, dtype=torch.bool)
+            return lab, valid
     bad = valid & ((lab < 0) | (lab >= num_classes))
     if bool(bad.any()):
         raise layer.error(f"label value {int(lab[bad][0])} outside [0, {num_classes}) "
