@@ -7,6 +7,7 @@ Every verb lives in its own module; this file only parses arguments and turns a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -199,10 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"{e.prog}: error: {e} (see {e.prog} --help)", file=sys.stderr)
         return 2
-    from runner.threads import omp_num_threads
+    from runner import threads as cpu_threads  # no torch: the check below must come before torch loads
 
-    try:  # before torch loads: libgomp would warn about it on stderr
-        omp_num_threads()
+    try:  # libgomp would warn about a bad value on stderr
+        cpu_threads.omp_num_threads()
     except CaffeError as e:
         print(f"egomotion {args.verb}: error: {e}", file=sys.stderr)
         return 2
@@ -215,14 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     allow_python_layers(getattr(args, "allow_python_layers", False))
     set_net_engine(getattr(args, "engine", None))
     try:
-        if hasattr(args, "threads"):  # the verbs that compute
-            from runner import threads as cpu_threads
-
-            cpu_threads.start(args.threads)
-        if getattr(args, "handler", None):  # subcommands that carry their own handler (data kitti-pairs, ...)
-            return args.handler(args)
-        module, function = VERBS[args.verb]
-        return getattr(importlib.import_module(module), function)(args)
+        # the verbs that compute choose their threads and share the CPUs with the other egomotion jobs
+        with cpu_threads.chosen(args.threads) if hasattr(args, "threads") else contextlib.nullcontext():
+            if getattr(args, "handler", None):  # subcommands that carry their own handler (data kitti-pairs, …)
+                return args.handler(args)
+            module, function = VERBS[args.verb]
+            return getattr(importlib.import_module(module), function)(args)
     except CaffeError as e:
         print(f"egomotion {args.verb}: error: {e}", file=sys.stderr)
         return 2
@@ -235,10 +234,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         allow_python_layers(False)
         set_net_engine(None)
-        if hasattr(args, "threads"):
-            from runner import threads as cpu_threads
-
-            cpu_threads.stop()
 
 
 if __name__ == "__main__":

@@ -45,9 +45,9 @@ def ort_session(model: onnx.ModelProto | bytes | str | Path, providers: list[str
     Idle pool threads sleep between operators unless ``spinning`` (ORT's own default). ``bench_probe.py``
     (BCNN batch 16, 2 cores, each run after a 50 ms pause) finds both about equal: 145-156 images/s sleeping
     against 147-154 spinning, and 122-126 against 123-132 in the probe pipeline, where images are decoded
-    alongside. (Timed back to back, spinning looked up to 16 % faster: a pool that is
-    still spinning from the last run starts the next one sooner.) Sleeping threads leave their cores to
-    decoding and to other jobs, so sessions sleep."""
+    alongside. (Timed back to back, spinning looked up to 16 % faster: a pool still spinning from the last
+    run starts the next one sooner.) Sleeping threads leave their cores to decoding and to other jobs, so
+    sessions sleep."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()

@@ -17,12 +17,14 @@ iteration instead of 24), where one thread each costs 1.4x. So the count is chos
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,6 +250,16 @@ def stop() -> None:
     """Undo the latest :func:`start`: its entry removed, torch's thread count as it was."""
     if _ACTIVE:
         _ACTIVE.pop().close()
+
+
+@contextlib.contextmanager
+def chosen(flag: int | None) -> Iterator[CpuShare]:
+    """:func:`start` for the block, :func:`stop` after it (only when the start succeeded)."""
+    share = start(flag)
+    try:
+        yield share
+    finally:
+        stop()
 
 
 def rebalance(log=None) -> None:

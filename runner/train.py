@@ -39,13 +39,7 @@ from converter.net import CaffeNet
 from converter.weights import copy_trained_layers, load_weights, save_weights
 from runner import distributed, threads
 from runner.logs import Csv, Log, LogBridge
-from runner.netsetup import (
-    check_training_memory,
-    input_shapes,
-    output_order,
-    pick_device,
-    share_trained_layers,
-)
+from runner.netsetup import check_training_memory, input_shapes, output_order, pick_device, share_trained_layers
 from runner.solver import Solver, check_solver, fmt
 from runner.solver_nets import test_nets, train_net
 from runner.threads import usable_cpus

@@ -403,7 +403,8 @@ class LRN(Layer):
     ``[0, C)`` contribute nothing. WITHIN_CHANNEL is Caffe's sub-net Power(x^2) -> AVE Pooling(n, pad
     (n-1)/2, stride 1) -> Power(power -beta, scale alpha, shift 1) -> product:
     ``y = x * (1 + alpha * avgpool_{n x n}(x^2))^-beta`` with divisor n^2 everywhere (every window fits
-    in ``H + pad``); ``k`` is ignored there. Both Caffe backwards are the exact gradients.
+    in ``H + pad``); ``k`` is ignored there. Both Caffe backwards are the exact gradients: autograd's for
+    WITHIN_CHANNEL, Caffe's own formula for ACROSS_CHANNELS (:class:`AcrossChannels`).
     """
 
     def __init__(self, lp: caffe_pb2.LayerParameter, bottom_shapes: list[Shape], phase: int):
@@ -419,21 +420,18 @@ class LRN(Layer):
     def forward(self, bottoms: list[torch.Tensor], blobs: list[torch.Tensor]) -> list[torch.Tensor]:
         x = bottoms[0]
         n, pre_pad = self.size, (self.size - 1) // 2
-        square = x * x
         if self.region == Norm.WITHIN_CHANNEL:
-            mean = F.avg_pool2d(square, n, 1, pre_pad, False, True)
-            scale = 1 + self.alpha * mean
-        elif torch.onnx.is_in_onnx_export():
+            mean = F.avg_pool2d(x * x, n, 1, pre_pad, False, True)
+            return [x * (1 + self.alpha * mean).pow(-self.beta)]
+        if torch.onnx.is_in_onnx_export():
             # Traced for ONNX Runtime: the channel window as one average pool over the (C, H*W) plane and
             # the power as exp(-beta * log): 2.2 ms instead of 6.7 ms for the BCNN's norm1 at batch 16
             # (ORT's own LRN operator, the same formula, takes 15 ms there). Equal to ~1e-7 relative.
             batch, channels, height, width = x.shape
-            planes = square.reshape(batch, 1, channels, height * width)
+            planes = (x * x).reshape(batch, 1, channels, height * width)
             mean = F.avg_pool2d(planes, (n, 1), 1, (pre_pad, 0), False, True).reshape(x.shape)
             return [x * torch.exp(torch.log(self.k + self.alpha * mean) * -self.beta)]
-        else:
-            return [AcrossChannels.apply(x, n, self.alpha, self.beta, self.k)]
-        return [x * scale.pow(-self.beta)]
+        return [AcrossChannels.apply(x, n, self.alpha, self.beta, self.k)]
 
 
 def channel_window_sum(t: torch.Tensor, size: int) -> torch.Tensor:
@@ -452,7 +450,7 @@ def channel_window_sum(t: torch.Tensor, size: int) -> torch.Tensor:
 class AcrossChannels(torch.autograd.Function):
     """ACROSS_CHANNELS LRN with Caffe's own backward (``CrossChannelBackward``):
     ``dx = dy * scale^-beta - (2 alpha beta / n) * x * windowsum(dy * y / scale)``. It is the exact gradient
-    as autograd's is, but in Caffe's arithmetic, and a window sum of adds where autograd's backward of the
+    as autograd's is, but Caffe's formula for it, and a window sum of adds where autograd's backward of the
     shifted slices zero-fills and copies a padded tensor per slice (twice the kernels of the forward)."""
 
     @staticmethod

@@ -30,10 +30,10 @@ from pathlib import Path
 from converter import caffe_pb2, experiment_pb2
 from converter.errors import CaffeError
 from converter.io import read_net, read_solver, write_message
+from runner import threads as cpu_threads
 from runner.curves import last_values, read_curves
 from runner.experiments import data_stages
 from runner.experiments.spec import Experiment, merge
-from runner.threads import usable_cpus
 
 Rule = experiment_pb2.SnapshotRule
 
@@ -277,8 +277,6 @@ def init_job_process(threads: int, gpus: list[int], counter) -> None:
     """A job process's set-up: its intra-op threads (registered as a fixed count, so automatic egomotion jobs
     on the machine leave them their cores) and, with GPUs, the next one in turn (``counter`` is a shared
     ``multiprocessing.Value``), so the processes running side by side each have a GPU of their own."""
-    from runner import threads as cpu_threads
-
     cpu_threads.start(threads)
     if gpus:
         with counter.get_lock():
@@ -358,17 +356,12 @@ def run_jobs(fn: Callable, jobs: list[tuple], workers: int, threads: int, done: 
     The thread count is the run's own, never derived from ``workers``: a convolution's weight gradient sums
     over the batch in thread-sized slices, so its last bits depend on the threads, and ``--jobs`` must not
     change a number (as Caffe's prefetch threads never do)."""
-    from runner import threads as cpu_threads
-
     results: dict[int, object] = {}
     if workers <= 1:
-        cpu_threads.start(threads)
-        try:
+        with cpu_threads.chosen(threads):
             for k, job in enumerate(jobs):
                 results[k] = fn(*job)
                 done(len(results), job, results[k])
-        finally:
-            cpu_threads.stop()
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -421,7 +414,7 @@ def _run_stage(exp: Experiment, place: Place, stage: int, workers: int, threads:
 
     gpus = parse_gpus(gpu)
     # a GPU job reads its data in worker processes: the machine's CPUs shared by the jobs side by side
-    data_workers = min(4, max(1, usable_cpus() // max(1, min(workers, len(jobs))) - 1)) if gpus else 0
+    data_workers = min(4, max(1, cpu_threads.usable_cpus() // max(1, min(workers, len(jobs))) - 1)) if gpus else 0
     args = [(str(exp.folder), exp.scale, str(place.runs.parents[1]), str(place.data.parents[1]), job, gpu,
              data_workers) for job in jobs]
     return run_jobs(run_job, args, workers, threads, done, gpus)
