@@ -45,7 +45,7 @@ from data_prep.datum import datum_shape, datum_to_array, decode_mode, image_to_c
 from data_prep.imageset import read_image, read_list
 from data_prep.lmdb_io import RESTART_MESSAGE, LMDBReader, acquire_reader, incomplete, release_reader
 from data_prep.transform import Transformer
-from runner.prefetch import Prefetcher
+from runner.prefetch import BufferPool, Prefetcher
 
 log = logging.getLogger(__name__)
 
@@ -369,6 +369,7 @@ class NetFeeder:
         self.workers = workers if self.sources else 0
         self._dataset = _Batches(self.sources, self.seed, phase)
         self._iter = None  # the worker pool, started by the first next()
+        self._pool = BufferPool()  # what batches read in this process are written into
 
     def _start_workers(self) -> None:
         self._iter = Prefetcher(self._dataset, self.shapes, self.batch, self.workers,
@@ -400,7 +401,7 @@ class NetFeeder:
                 self._stop_workers()  # a retry restarts at this batch, as the synchronous path would
                 raise
         else:
-            out = self._dataset(b)
+            out = self._dataset(b, {t: self._pool.take(s) for t, s in self.shapes.items()})
         self.batch += 1
         if self.device.type != "cpu":
             out = {k: v.to(self.device, non_blocking=True) for k, v in out.items()}

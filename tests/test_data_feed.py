@@ -262,3 +262,55 @@ def test_images_of_varying_size_cross_whole(tmp_path, monkeypatch):
         i = k % len(sizes)
         assert batch["data"].shape == (1, 1, *sizes[i]) and int(batch["label"][0]) == i
         assert torch.all(batch["data"] == 10 * i)
+
+
+# -- buffers used again (runner.prefetch.BufferPool) -------------------------------------------------
+
+def test_buffer_pool_hands_out_a_tensor_again_only_when_nobody_holds_it():
+    from runner.prefetch import BufferPool
+
+    pool = BufferPool(keep=2)
+    first = pool.take((4, 3))
+    ptr = first.data_ptr()
+    weight = torch.ones(2, 3, requires_grad=True)
+    holds = {
+        "a name": lambda t: t,
+        "a view": lambda t: t[1:],
+        "a numpy array": lambda t: t.numpy(),
+        "an autograd node": lambda t: (t @ weight.t()).sum(),  # saves the tensor for the weight's gradient
+    }
+    for what, hold in holds.items():
+        held = hold(first)
+        del first
+        other = pool.take((4, 3))
+        assert other.data_ptr() != ptr, f"handed out again while {what} holds it"
+        del held, other
+        first = pool.take((4, 3))
+        assert first.data_ptr() == ptr, f"not handed out again once {what} let go"
+    assert pool.take((3, 4)).data_ptr() != ptr  # another shape, another tensor
+    kept = [pool.take((4, 3)) for _ in range(4)]  # one in use above, keep=2: the rest are never kept
+    assert len(pool.kept[((4, 3), torch.float32)]) == 2 and len({t.data_ptr() for t in kept}) == 4
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_feeder_writes_into_batches_the_caller_let_go(workers, monkeypatch):
+    """Steady state: a batch dropped by the caller is written again (no new 74 MB tensor per KITTI batch);
+    one the caller keeps is never written into."""
+    db = require_golden() / "_data" / "mnist_test_lmdb"
+    made = []
+    empty = torch.empty
+
+    def counting_empty(*args, **kwargs):
+        made.append(args[0] if len(args) == 1 else args)
+        return empty(*args, **kwargs)
+
+    with NetFeeder(_random_net(db), TRAIN, seed=3, workers=workers) as feeder:
+        kept = feeder.next()["data"]
+        copy = kept.clone()
+        monkeypatch.setattr(torch, "empty", counting_empty)
+        ptrs = [feeder.next()["data"].data_ptr() for _ in range(10)]
+        monkeypatch.undo()
+        torch.testing.assert_close(kept, copy, rtol=0, atol=0)
+        assert kept.data_ptr() not in ptrs
+    batches = [s for s in made if tuple(s) == (16, 1, 20, 20)]
+    assert len(batches) <= 3, f"{len(batches)} new batch tensors for 10 batches"
