@@ -11,7 +11,8 @@
   the nets is not counted;
 * the same net's step (forward, backward, Caffe's SGD update) on one batch against the hand-written module
   of ``handwritten.py`` with ``torch.optim.SGD``, interleaved on the same device (issue 16's goal: <= 1.05x),
-  the share of that step the GPU is busy (kernel time under torch's profiler), and the GEMM peak;
+  the share of that step the GPU is busy (kernel time under torch's profiler), the kernels each step
+  launches (on the CPU: the aten operators) against the hand-written step's, and the GEMM peak;
 * the data path: MNIST pairs/s through ``NetFeeder`` with 0 and several worker processes, and the training
   step with workers against the step on a batch read beforehand (goal: wall <= compute + 5 %);
 * ONNX Runtime's CUDA provider against torch on CUDA for the BCNN's probe features, where that provider is
@@ -157,23 +158,41 @@ def eager_vs_handwritten(prototxt: Path, gpu: str | None, iters: int) -> dict:
         times["handwritten"].append(_timed(theirs, iters, gpu))
     out = {k: statistics.median(v) for k, v in times.items()}
     out["ratio"] = out["ours"] / out["handwritten"]
+    out["launches"] = {"ours": launch_profile(ours, min(iters, 50), gpu),
+                       "handwritten": launch_profile(theirs, min(iters, 50), gpu)}
     if gpu is not None:
-        out["gpu_busy_share"] = gpu_busy_share(ours, min(iters, 50))
+        out["gpu_busy_share"] = out["launches"]["ours"]["gpu_busy_share"]
     return out
 
 
-def gpu_busy_share(fn, iters: int) -> float:
-    """Kernel time over wall time of ``iters`` calls under torch's profiler (the profiler slows the host side,
-    so this is a lower bound)."""
+def launch_profile(fn, iters: int, gpu: str | None, top: int = 8) -> dict:
+    """What one call of ``fn`` launches, under torch's profiler: on a GPU the CUDA kernels per call, the share
+    of the wall time they keep the GPU busy (the profiler slows the host side, so a lower bound) and the most
+    frequent kernels; on the CPU the aten operators that do the work (those with no aten operator below
+    them, views included) per call and the most frequent. Where our step and the hand-written one differ in
+    these counts is where an eager GPU step loses time to launches."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        wall = _timed(fn, iters, "0") * iters
-    kernels = 0.0
-    for event in prof.key_averages():
-        if str(getattr(event, "device_type", "")).endswith("CUDA"):
-            kernels += getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
-    return kernels / 1e3 / wall
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu is not None else [])
+    with profile(activities=activities) as prof:
+        wall = _timed(fn, iters, gpu) * iters
+    counts: dict[str, int] = {}
+    busy_us = 0.0
+    if gpu is not None:
+        for event in prof.key_averages():
+            if str(getattr(event, "device_type", "")).endswith("CUDA"):
+                counts[event.key] = event.count
+                busy_us += getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+    else:
+        for event in prof.events():
+            if event.name.startswith("aten::") and not any(c.name.startswith("aten::") for c in event.cpu_children):
+                counts[event.name] = counts.get(event.name, 0) + 1
+    out = {"unit": "CUDA kernels" if gpu is not None else "leaf aten operators",
+           "per_step": sum(counts.values()) / iters,
+           "most_frequent": {k: v / iters for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:top]}}
+    if gpu is not None:
+        out["gpu_busy_share"] = busy_us / 1e3 / wall
+    return out
 
 
 def data_path(images, gpu: str | None, quick: bool) -> dict:

@@ -11,6 +11,7 @@ before/after figures of each change that was kept or dropped) follow.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -175,6 +176,16 @@ def gpu_section(record: dict) -> list[str]:
                   f"hand-written module with torch.optim.SGD {eager['handwritten']:.2f} ms: {eager['ratio']:.2f}x "
                   "(goal <= 1.05x)"
                   f"{busy}. GEMM peak measured in the same run: {record['gemm_peak_gflops']:,.0f} GFLOP/s.", ""]
+        launches = eager.get("launches")
+        if launches:
+            ours, hand = launches["ours"], launches["handwritten"]
+            lines += [f"{ours['unit'].capitalize()} per step: ours {ours['per_step']:.0f}, hand-written "
+                      f"{hand['per_step']:.0f}. Most frequent, per step:", "",
+                      "| ours | per step | hand-written | per step |", "|---|---|---|---|"]
+            for pair in itertools.zip_longest(ours["most_frequent"].items(), hand["most_frequent"].items()):
+                lines.append("| " + " | ".join(f"`{name[:60]}` | {count:g}" if name else " | "
+                                               for name, count in (p or ("", 0) for p in pair)) + " |")
+            lines.append("")
     data = record.get("data_path")
     if data:
         rates = ", ".join(f"{w} worker(s) {r:,.0f}" for w, r in data["pairs_per_s"].items())

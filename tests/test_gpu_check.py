@@ -32,7 +32,16 @@ def test_gpu_check_cpu_quick_mode(tmp_path):
         assert set(data["pairs_per_s"]) == {"0", "1"} and min(data["pairs_per_s"].values()) > 0
         assert data["step"]["workers"] == 1 and data["step"]["ratio"] > 0
     if (ROOT.parent / "shared" / "reference" / "timing").is_dir():
-        assert record["eager_vs_handwritten"]["ratio"] > 0
+        eager = record["eager_vs_handwritten"]
+        assert eager["ratio"] > 0
+        for step in eager["launches"].values():  # the operators each step runs, ours and the hand-written one's
+            assert step["unit"] == "leaf aten operators" and step["per_step"] > 50
+            assert all(name.startswith("aten::") for name in step["most_frequent"])
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from report import gpu_section
+
+        text = "\n".join(gpu_section(record))
+        assert f"Leaf aten operators per step: ours {eager['launches']['ours']['per_step']:.0f}" in text
     assert record["gemm_peak_gflops"] > 0 and record["nccl"] == {"skipped": "no GPU"}
     assert record["ort"]["skipped"] == "no GPU" and "CPUExecutionProvider" in record["ort"]["providers"]
     assert json.loads(done.stdout.strip().splitlines()[-1])["benchmark"] == "gpu_check"
