@@ -83,6 +83,20 @@ class BufferPool:
     def __init__(self, keep: int = 6):
         self.keep = keep
         self.kept: dict[tuple, list[torch.Tensor]] = {}
+        # The counts of a tensor nobody else holds, measured the way take() measures: interpreters differ in
+        # the references they count while an expression is evaluated, torch in its storage wrappers.
+        probe = [torch.empty(1)]
+        self.alone = (self._refs(probe, 0), *self._torch_refs(probe[0])) if self.COUNTED else None
+
+    @staticmethod
+    def _refs(items: list, i: int) -> int:
+        return sys.getrefcount(items[i])
+
+    @staticmethod
+    def _torch_refs(t: torch.Tensor) -> tuple[int, int]:
+        """References to the tensor's TensorImpl (a view keeps its base, autograd its saved tensors) and to its
+        storage (views, numpy arrays)."""
+        return t._use_count(), torch._C._storage_Use_Count(t.untyped_storage()._cdata)
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A tensor of this shape and dtype that nobody else holds (its contents are stale)."""
@@ -90,10 +104,7 @@ class BufferPool:
             return torch.empty(shape, dtype=dtype)
         kept = self.kept.setdefault((tuple(shape), dtype), [])
         for i in range(len(kept)):
-            # Held only by the list (and getrefcount's argument); one TensorImpl reference; the storage held
-            # by that TensorImpl and by the temporary wrapper untyped_storage() returns.
-            if (sys.getrefcount(kept[i]) == 2 and kept[i]._use_count() == 1
-                    and torch._C._storage_Use_Count(kept[i].untyped_storage()._cdata) == 2):
+            if (self._refs(kept, i), *self._torch_refs(kept[i])) == self.alone:
                 return kept[i]
         fresh = torch.empty(shape, dtype=dtype)
         if len(kept) < self.keep:
