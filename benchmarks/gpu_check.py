@@ -44,9 +44,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from common import RESULTS, mnist_egomotion_run  # noqa: E402
 from gemm_peak import gemm_runs  # noqa: E402
+
+from tests.golden import LAYER_CASES  # noqa: E402
 
 QUICK_CASES = ("sgd_inv", "adam")
 
@@ -78,6 +81,40 @@ def trajectory(case: Path, gpu: str | None, iters: int | None, cuda_graph: bool 
     worst = max(errors, key=errors.get)
     return {"iterations": len(errors), "max_rel_loss_error": errors[worst], "at_iteration": worst,
             "losses": [r.loss for r in trainer.records]}
+
+
+def layer_case(folder: Path, gpu: str | None, engine: str | None) -> dict:
+    """One golden layer case replayed by ``egomotion forward [--gpu 0] --backward --dump`` with Caffe's own
+    inputs, weights and top diffs (the ``oracle_dump`` runs of its CASE.md): the largest relative error
+    (``max |a - e| / max |e|`` per blob, -FLT_MAX and NaN exact) of the forward blobs and of the bottom and
+    parameter diffs against BVLC Caffe's."""
+    from runner.cli import main as egomotion
+    from runner.ort import max_rel_error
+    from tests.golden import oracle_runs
+
+    worst = {"forward": 0.0, "backward": 0.0, "blobs": 0}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(folder):
+        for n, run in enumerate(oracle_runs(folder)):
+            out = Path(tmp) / str(n)
+            argv = ["forward", "--model", run["model"], "--phase", run["phase"], "--weights", run["weights"],
+                    "--dump", str(out)] + (["--backward"] if run["backward"] else []) + \
+                (["--gpu", gpu] if gpu is not None else []) + (["--engine", engine] if engine else [])
+            for flag, pairs in (("--input", run["inputs"]), ("--top-diff", run["top_diffs"])):
+                for name, path in pairs.items():
+                    argv += [flag, f"{name}={path}"]
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                if egomotion(argv):
+                    raise RuntimeError(err.getvalue().strip().splitlines()[-1])
+            for kind, sub, key in (("blobs", "", "forward"), ("diffs", "diffs", "backward"),
+                                   ("param_diffs", "param_diffs", "backward")):
+                for ours in sorted((out / sub).glob("*.npy")):
+                    expected = folder / kind / ours.name
+                    if expected.exists():
+                        caffe = np.load(expected)
+                        worst[key] = max(worst[key], max_rel_error(np.load(ours).reshape(caffe.shape), caffe))
+                        worst["blobs"] += 1
+    return worst
 
 
 def step_ms(images, gpu: str | None, iters: int, cuda_graph: bool = False) -> float:
@@ -292,7 +329,7 @@ def main() -> int:
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     gpu = "0" if args.device == "cuda" else None
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # Caffe's true float32
-    record: dict = {"versions": versions(args.device), "trajectories": {}}
+    record: dict = {"versions": versions(args.device), "trajectories": {}, "layer_cases": {}}
     golden = Path(args.golden).resolve()  # the trajectories run from inside each case folder
     cases = sorted(p.name for p in golden.iterdir() if (p / "losses.tsv").exists()) if golden.is_dir() else []
     if args.quick:
@@ -314,6 +351,12 @@ def main() -> int:
             except Exception as e:  # noqa: BLE001 - one mode failing must not lose the others' figures
                 result = {"error": f"{type(e).__name__}: {e}", "max_rel_loss_error": math.inf, "at_iteration": -1}
             record["trajectories"].setdefault(case, {})[mode] = result
+        for case in LAYER_CASES if golden.is_dir() and not graph else []:  # --cuda-graph is for training
+            try:
+                result = layer_case(golden / case, gpu, engine)
+            except Exception as e:  # noqa: BLE001 - recorded; the other cases and modes still count
+                result = {"error": f"{type(e).__name__}: {e}", "forward": math.inf, "backward": math.inf}
+            record["layer_cases"].setdefault(case, {})[mode] = result
     torch.backends.cudnn.enabled = True
     set_net_engine(None)
     mnist = Path(args.mnist).resolve()

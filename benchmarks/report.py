@@ -155,6 +155,17 @@ def gpu_section(record: dict) -> list[str]:
 
     for case, by_mode in record["trajectories"].items():
         lines.append(f"| {case} | " + " | ".join(cell(by_mode[m]) for m in modes) + " |")
+    layers = record.get("layer_cases")
+    if layers:
+        layer_modes = sorted({m for t in layers.values() for m in t})
+        lines += ["", "Every golden layer case replayed by `egomotion forward --backward` (Caffe's inputs, weights and "
+                  "top diffs) in each mode: the largest relative error of the forward blobs / of the bottom and "
+                  "parameter diffs against BVLC Caffe's (the CPU tests' tolerances: 1e-5 / 1e-4):", "",
+                  "| case | " + " | ".join(layer_modes) + " |", "|---|" + "---|" * len(layer_modes)]
+        for case, by_mode in layers.items():
+            lines.append(f"| {case} | " + " | ".join(
+                f"failed: {r['error'][:80]}" if "error" in r else f"{r['forward']:.1e} / {r['backward']:.1e}"
+                for r in (by_mode[m] for m in layer_modes)) + " |")
     same = record.get("cuda_graph_equal_to_eager")
     if same:
         lines += ["", f"Captured losses equal to the eager cuDNN run's in {sum(same.values())} of {len(same)} cases"

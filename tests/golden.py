@@ -8,10 +8,10 @@ against the same files end to end in ``test_golden_nets.py``.
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from google.protobuf import text_format
 
@@ -22,12 +22,46 @@ GOLDEN = REFERENCE / "golden"
 
 FWD_RTOL, FWD_ATOL = 1e-5, 1e-6
 BWD_RTOL, BWD_ATOL = 1e-4, 1e-6
+LAYER_CASES = ["conv", "pool", "lrn", "ip", "neurons", "bn", "shape", "loss"]
+"""The golden cases of single layers (each replayed whole through the net with ``oracle_runs``)."""
 
 
 def require_golden() -> Path:
+    import pytest  # only the tests skip; benchmarks/gpu_check.py reads the cases without pytest
+
     if not GOLDEN.is_dir():
         pytest.skip(f"golden reference folder {GOLDEN} is absent")
     return GOLDEN
+
+
+def oracle_runs(folder: Path) -> list[dict]:
+    """The ``oracle_dump`` invocations in a case's CASE.md that loaded weights (the ones whose outputs are
+    stored): model, phase, weights, inputs and top diffs (name -> .npy path), and whether it ran backward."""
+    runs = []
+    for line in (folder / "CASE.md").read_text().splitlines():
+        if not line.startswith("oracle_dump") or "--weights" not in line:
+            continue
+        argv = shlex.split(line)[1:]
+        run: dict = {"inputs": {}, "top_diffs": {}, "backward": False}
+        i = 0
+        while i < len(argv):
+            flag = argv[i]
+            if flag == "--backward":
+                run["backward"] = True
+                i += 1
+                continue
+            value = argv[i + 1]
+            if flag == "--input":
+                name, path = value.split("=", 1)
+                run["inputs"][name] = path
+            elif flag == "--top_diff":
+                name, path = value.split("=", 1)
+                run["top_diffs"][name] = path
+            else:
+                run[flag.lstrip("-")] = value
+            i += 2
+        runs.append(run)
+    return runs
 
 
 def file_name(name: str) -> str:

@@ -8,7 +8,6 @@ diffs, weights and phase are exactly Caffe's.
 from __future__ import annotations
 
 import re
-import shlex
 
 import numpy as np
 import pytest
@@ -18,38 +17,17 @@ from converter.io import filter_net, net_state, read_net
 from converter.net import CaffeNet
 from converter.weights import load_weights
 from runner.forward import file_name, run_forward
-from tests.golden import BWD_ATOL, BWD_RTOL, FWD_ATOL, FWD_RTOL, GOLDEN, assert_close, require_golden
-
-LAYER_CASES = ["conv", "pool", "lrn", "ip", "neurons", "bn", "shape", "loss"]
-
-
-def oracle_runs(case: str) -> list[dict]:
-    """The oracle_dump invocations that loaded weights (the ones whose outputs are stored)."""
-    runs = []
-    for line in (GOLDEN / case / "CASE.md").read_text().splitlines():
-        if not line.startswith("oracle_dump") or "--weights" not in line:
-            continue
-        argv = shlex.split(line)[1:]
-        run = {"inputs": {}, "top_diffs": {}, "backward": False}
-        i = 0
-        while i < len(argv):
-            flag = argv[i]
-            if flag == "--backward":
-                run["backward"] = True
-                i += 1
-                continue
-            value = argv[i + 1]
-            if flag == "--input":
-                name, path = value.split("=", 1)
-                run["inputs"][name] = path
-            elif flag == "--top_diff":
-                name, path = value.split("=", 1)
-                run["top_diffs"][name] = path
-            else:
-                run[flag.lstrip("-")] = value
-            i += 2
-        runs.append(run)
-    return runs
+from tests.golden import (
+    BWD_ATOL,
+    BWD_RTOL,
+    FWD_ATOL,
+    FWD_RTOL,
+    GOLDEN,
+    LAYER_CASES,
+    assert_close,
+    oracle_runs,
+    require_golden,
+)
 
 
 def replay(case: str, run: dict, monkeypatch) -> tuple:
@@ -78,7 +56,7 @@ def engine(request):
 def test_golden_case_through_the_net(case, engine, monkeypatch):
     """Every case with torch's layers; the convolution case also with Caffe's im2col + GEMM engine."""
     require_golden()
-    runs = oracle_runs(case)
+    runs = oracle_runs(GOLDEN / case)
     assert runs, f"{case}: no oracle_dump command found in CASE.md"
     for run in runs:
         net, (blobs, blob_diffs, param_diffs, loss) = replay(case, run, monkeypatch)
@@ -119,7 +97,7 @@ def test_forward_cli_reproduces_the_conv_case(tmp_path, monkeypatch):
     from runner.cli import main
 
     require_golden()
-    (run,) = oracle_runs("conv")
+    (run,) = oracle_runs(GOLDEN / "conv")
     folder = GOLDEN / "conv"
     monkeypatch.chdir(folder)
     argv = ["forward", "--model", run["model"], "--phase", run["phase"], "--weights", run["weights"],
@@ -168,7 +146,7 @@ def test_forward_cli_dumps_parameters_after_the_pass(tmp_path, monkeypatch):
     from runner.cli import main
 
     require_golden()
-    runs = [r for r in oracle_runs("bn") if r["phase"] == "TRAIN" and r["backward"]]
+    runs = [r for r in oracle_runs(GOLDEN / "bn") if r["phase"] == "TRAIN" and r["backward"]]
     if not runs:
         pytest.skip("no TRAIN run in the bn case")
     run = runs[0]

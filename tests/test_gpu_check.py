@@ -26,6 +26,12 @@ def test_gpu_check_cpu_quick_mode(tmp_path):
     for case in record["trajectories"].values():
         for mode in ("cpu", "cpu_caffe_engine"):  # torch's convolution and Caffe's im2col + GEMM engine
             assert case[mode]["iterations"] == 6 and case[mode]["max_rel_loss_error"] < 1e-4  # Caffe's losses
+    from tests.golden import LAYER_CASES
+
+    assert list(record["layer_cases"]) == LAYER_CASES  # each replayed by `egomotion forward --backward`
+    for case in record["layer_cases"].values():
+        for mode in ("cpu", "cpu_caffe_engine"):
+            assert case[mode]["blobs"] > 0 and case[mode]["forward"] < 1e-5 and case[mode]["backward"] < 1e-4
     if (ROOT.parent / "shared" / "data" / "mnist").is_dir():
         assert record["mnist_step_ms"] > 0 and record["mnist_step_ms_caffe_engine"] > 0
         data = record["data_path"]
@@ -41,6 +47,7 @@ def test_gpu_check_cpu_quick_mode(tmp_path):
         from report import gpu_section
 
         text = "\n".join(gpu_section(record))
+        assert "| lrn | " in text
         assert f"Leaf aten operators per step: ours {eager['launches']['ours']['per_step']:.0f}" in text
     assert record["gemm_peak_gflops"] > 0 and record["nccl"] == {"skipped": "no GPU"}
     assert record["ort"]["skipped"] == "no GPU" and "CPUExecutionProvider" in record["ort"]["providers"]

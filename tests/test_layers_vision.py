@@ -548,6 +548,29 @@ def test_lrn_within_channel_gradient_is_the_exact_derivative():
     np.testing.assert_allclose(grads[0], numeric, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("channels, size", [(12, 5), (5, 5), (3, 3), (7, 1), (256, 5)])
+def test_lrn_channel_window_sum_pooled_is_the_adds_bit_for_bit(channels, size):
+    """The GPU's one-kernel window sum (a 3-D average pool, divisor 1) against the CPU's adds of shifted
+    slices, at the window's edges too; both against float64 sums of the window. (With fewer channels than
+    the window the GPU keeps the adds: torch's pool refuses an input smaller than its kernel.)"""
+    from converter.layers.vision import channel_window_sum, channel_window_sum_pooled
+
+    t = torch.from_numpy((rng(channels).standard_normal((3, channels, 4, 2)) ** 2).astype(np.float32))
+    adds, pooled = channel_window_sum(t, size), channel_window_sum_pooled(t, size)
+    assert torch.equal(adds, pooled)
+    pre = (size - 1) // 2
+    exact = np.stack([t.double().numpy()[:, max(c - pre, 0):c + pre + 1].sum(1) for c in range(channels)], 1)
+    np.testing.assert_allclose(pooled.numpy(), exact, rtol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the pooled form is the GPU's)")
+def test_lrn_channel_window_sum_on_cuda_equals_the_cpu_adds():
+    from converter.layers.vision import channel_window_sum
+
+    t = torch.from_numpy((rng(3).standard_normal((4, 96, 5, 5)) ** 2).astype(np.float32))
+    assert torch.equal(channel_window_sum(t.cuda(), 5).cpu(), channel_window_sum(t, 5))
+
+
 @pytest.mark.parametrize("params, shape, message", [
     ("local_size: 4", (1, 3, 4, 4), r"odd values for local_size \(got 4\)"),
     ("local_size: 3", (3, 4, 4), "Input must have 4 axes"),

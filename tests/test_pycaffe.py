@@ -10,8 +10,18 @@ import torch
 
 from converter.io import filter_net, net_state, read_net, read_solver, write_message
 from converter.net import CaffeNet
-from tests.golden import BWD_ATOL, BWD_RTOL, FWD_ATOL, FWD_RTOL, GOLDEN, assert_close, file_name, require_golden
-from tests.test_golden_nets import LAYER_CASES, oracle_runs
+from tests.golden import (
+    BWD_ATOL,
+    BWD_RTOL,
+    FWD_ATOL,
+    FWD_RTOL,
+    GOLDEN,
+    LAYER_CASES,
+    assert_close,
+    file_name,
+    oracle_runs,
+    require_golden,
+)
 
 caffe = pytest.importorskip("caffe")
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +32,7 @@ def test_net_forward_backward_is_caffes_on_every_golden_layer_case(case, monkeyp
     require_golden()
     folder = GOLDEN / case
     monkeypatch.chdir(folder)
-    for run in oracle_runs(case):
+    for run in oracle_runs(folder):
         phase = caffe.TRAIN if run["phase"] == "TRAIN" else caffe.TEST
         net = caffe.Net(run["model"], run["weights"], phase)
         inputs = {k: np.load(p) for k, p in run["inputs"].items()}

@@ -436,8 +436,14 @@ class LRN(Layer):
 
 def channel_window_sum(t: torch.Tensor, size: int) -> torch.Tensor:
     """``sum_{|c'-c| <= (size-1)/2} t[:, c']`` with the channels outside ``[0, C)`` counting nothing (Caffe
-    accepts fewer channels than local_size): ``size`` shifted slices of the zero-padded tensor, cheap adds
-    where a 3-D average pool pays per-plane overhead on the small maps of the thesis's nets (6x slower)."""
+    accepts fewer channels than local_size), summed in channel order: the same float32 values on every device.
+
+    On the CPU, ``size`` shifted slices of the zero-padded tensor and cheap adds, where a 3-D average pool
+    pays per-plane overhead on the small maps of the thesis's nets (6x slower). On a GPU, where each of those
+    ``size + 1`` operators is a kernel launch (and launches, not arithmetic, set the pace of the thesis's
+    step), one :func:`channel_window_sum_pooled` (which torch refuses for fewer channels than the window)."""
+    if t.is_cuda and t.shape[1] >= size:
+        return channel_window_sum_pooled(t, size)
     pre_pad = (size - 1) // 2
     channels = t.shape[1]
     padded = F.pad(t, (0, 0, 0, 0, pre_pad, pre_pad))
@@ -447,11 +453,20 @@ def channel_window_sum(t: torch.Tensor, size: int) -> torch.Tensor:
     return window
 
 
+def channel_window_sum_pooled(t: torch.Tensor, size: int) -> torch.Tensor:
+    """:func:`channel_window_sum` as one 3-D average pool over (channel, 1, 1) windows with divisor 1. torch's
+    kernels start the sum at 0 and add the window's channels in order in float (``AveragePool3d.cu``), so the
+    values are the adds' bit for bit (the padding's zeros change nothing)."""
+    pre_pad = (size - 1) // 2
+    return F.avg_pool3d(t.unsqueeze(1), (size, 1, 1), 1, (pre_pad, 0, 0), divisor_override=1).squeeze(1)
+
+
 class AcrossChannels(torch.autograd.Function):
     """ACROSS_CHANNELS LRN with Caffe's own backward (``CrossChannelBackward``):
     ``dx = dy * scale^-beta - (2 alpha beta / n) * x * windowsum(dy * y / scale)``. It is the exact gradient
-    as autograd's is, but Caffe's formula for it, and a window sum of adds where autograd's backward of the
-    shifted slices zero-fills and copies a padded tensor per slice (twice the kernels of the forward)."""
+    as autograd's is, but Caffe's formula for it, and one more window sum (:func:`channel_window_sum`) where
+    autograd's backward of the CPU's shifted slices zero-fills and copies a padded tensor per slice (twice
+    the kernels of the forward)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
