@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 PROTOC  := $(PY) -m grpc_tools.protoc
 
-.PHONY: install test lint proto train eval bench gpu-check clean
+.PHONY: install test lint proto train eval bench gpu-check gpu-carry clean
 
 install: $(STAMP)
 
@@ -80,6 +80,22 @@ bench: $(STAMP)
 gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py --device cuda $(GPU_CHECK_FLAGS)
 	$(PY) benchmarks/report.py
+
+# Here, before a GPU is lent: what the device machine lacks, in .devdata/ (ignored, ~50 MB; name it in the
+# device run's `carry`): BVLC Caffe's golden cases, MNIST and the timing net from $(SHARED) (../shared does not
+# travel) and wheels of lmdb and protobuf for the device's Python 3.12. There, one command does the check:
+# `bash benchmarks/gpu_device.sh` (results under $$OUT).
+SHARED ?= ../shared
+WHEEL_PLATFORMS := $(foreach n,manylinux_2_28 manylinux_2_17 manylinux2014,--platform $(n)_x86_64)
+gpu-carry: $(STAMP)
+	rm -rf .devdata && mkdir -p .devdata/timing .devdata/wheels
+	cp -r $(SHARED)/reference/golden .devdata/golden
+	cp -r $(SHARED)/data/mnist .devdata/mnist
+	cp $(SHARED)/reference/timing/thesis_mnist_egomotion_b125.prototxt .devdata/timing/
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(WHEEL_PLATFORMS) -d .devdata/wheels "lmdb==$$($(PY) -c 'import lmdb; print(lmdb.__version__)')" \
+		"protobuf==$$($(PY) -c 'import google.protobuf as p; print(p.__version__)')"
+	du -sh .devdata
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache .ruff_cache
