@@ -17,17 +17,8 @@ from converter.io import filter_net, net_state, read_net
 from converter.net import CaffeNet
 from converter.weights import load_weights
 from runner.forward import file_name, run_forward
-from tests.golden import (
-    BWD_ATOL,
-    BWD_RTOL,
-    FWD_ATOL,
-    FWD_RTOL,
-    GOLDEN,
-    LAYER_CASES,
-    assert_close,
-    oracle_runs,
-    require_golden,
-)
+from tests import golden
+from tests.golden import BWD_ATOL, BWD_RTOL, FWD_ATOL, FWD_RTOL, GOLDEN, assert_close, require_golden
 
 
 def replay(case: str, run: dict, monkeypatch) -> tuple:
@@ -51,12 +42,12 @@ def engine(request):
     set_net_engine(None)
 
 
-@pytest.mark.parametrize("case, engine", [(case, "default") for case in LAYER_CASES] + [("conv", "caffe")],
+@pytest.mark.parametrize("case, engine", [(case, "default") for case in golden.LAYER_CASES] + [("conv", "caffe")],
                          indirect=["engine"])
 def test_golden_case_through_the_net(case, engine, monkeypatch):
     """Every case with torch's layers; the convolution case also with Caffe's im2col + GEMM engine."""
     require_golden()
-    runs = oracle_runs(GOLDEN / case)
+    runs = golden.oracle_runs(GOLDEN / case)
     assert runs, f"{case}: no oracle_dump command found in CASE.md"
     for run in runs:
         net, (blobs, blob_diffs, param_diffs, loss) = replay(case, run, monkeypatch)
@@ -97,7 +88,7 @@ def test_forward_cli_reproduces_the_conv_case(tmp_path, monkeypatch):
     from runner.cli import main
 
     require_golden()
-    (run,) = oracle_runs(GOLDEN / "conv")
+    (run,) = golden.oracle_runs(GOLDEN / "conv")
     folder = GOLDEN / "conv"
     monkeypatch.chdir(folder)
     argv = ["forward", "--model", run["model"], "--phase", run["phase"], "--weights", run["weights"],
@@ -146,7 +137,7 @@ def test_forward_cli_dumps_parameters_after_the_pass(tmp_path, monkeypatch):
     from runner.cli import main
 
     require_golden()
-    runs = [r for r in oracle_runs(GOLDEN / "bn") if r["phase"] == "TRAIN" and r["backward"]]
+    runs = [r for r in golden.oracle_runs(GOLDEN / "bn") if r["phase"] == "TRAIN" and r["backward"]]
     if not runs:
         pytest.skip("no TRAIN run in the bn case")
     run = runs[0]

@@ -10,29 +10,19 @@ import torch
 
 from converter.io import filter_net, net_state, read_net, read_solver, write_message
 from converter.net import CaffeNet
-from tests.golden import (
-    BWD_ATOL,
-    BWD_RTOL,
-    FWD_ATOL,
-    FWD_RTOL,
-    GOLDEN,
-    LAYER_CASES,
-    assert_close,
-    file_name,
-    oracle_runs,
-    require_golden,
-)
+from tests import golden
+from tests.golden import BWD_ATOL, BWD_RTOL, FWD_ATOL, FWD_RTOL, GOLDEN, assert_close, file_name, require_golden
 
 caffe = pytest.importorskip("caffe")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("case", LAYER_CASES)
+@pytest.mark.parametrize("case", golden.LAYER_CASES)
 def test_net_forward_backward_is_caffes_on_every_golden_layer_case(case, monkeypatch):
     require_golden()
     folder = GOLDEN / case
     monkeypatch.chdir(folder)
-    for run in oracle_runs(folder):
+    for run in golden.oracle_runs(folder):
         phase = caffe.TRAIN if run["phase"] == "TRAIN" else caffe.TEST
         net = caffe.Net(run["model"], run["weights"], phase)
         inputs = {k: np.load(p) for k, p in run["inputs"].items()}
