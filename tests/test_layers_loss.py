@@ -401,3 +401,37 @@ def test_loss_layers_are_losses_with_scalar_tops():
         layer = build(text, *shapes)
         assert type(layer).is_loss and layer.top_shapes[0] == ()
     assert not type(build(accuracy(""), (4, 3), (4,))).is_loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels checked on the device (the trainer's GPU mode): same numbers, the range in a flag
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, shapes", [
+    (softmax_loss("loss_param { ignore_label: 255 normalization: VALID }", tops=2), [(6, 4), (6,)]),
+    (softmax_loss(), [(6, 4), (6,)]),
+    (accuracy("ignore_label: 255", tops=2), [(6, 4), (6,)]),
+])
+def test_labels_checked_on_the_device_give_the_same_numbers_and_flag_only_real_labels(text, shapes):
+    from converter.layers.loss import check_deferred_labels, deferred_label_checks
+
+    scores = np.random.default_rng(5).standard_normal(shapes[0]).astype(np.float32)
+    ignores = "ignore_label" in text
+    labels = np.array([0, 3, 255, 2, 1, 255] if ignores else [0, 3, 1, 2, 1, 3], np.float32)
+    results = []
+    for deferred in (False, True):
+        layer = build(text, *shapes)
+        with deferred_label_checks(deferred):
+            (x, _), tops = run(layer, scores, labels)
+            if tops[0].requires_grad:
+                tops[0].backward()
+        results.append(([t.detach() for t in tops], x.grad))
+        check_deferred_labels([layer])  # in range (or ignored): no error
+    (tops, grad), (tops_late, grad_late) = results
+    assert all(torch.equal(a, b) for a, b in zip(tops, tops_late, strict=True))
+    assert (grad is None and grad_late is None) or torch.equal(grad, grad_late)
+    for bad in (4, -1):
+        layer = build(text, *shapes)
+        with deferred_label_checks():
+            run(layer, scores, np.where(labels == 1, bad, labels))
+        with pytest.raises(CaffeError, match=r"layer 'l' .*: a label outside \[0, 4\) reached this layer"):
+            check_deferred_labels([layer])

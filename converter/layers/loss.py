@@ -69,7 +69,7 @@ def deferred_label_checks(on: bool = True):
     """Within: label ranges are checked on the device, into a flag per layer (``labels_ok``) that
     :func:`check_deferred_labels` reads later, instead of by reading the labels' range back to the host at
     every pass. The trainer's GPU step reads nothing back (and a CUDA graph cannot hold a host read); it
-    reads the flags where it reads its losses. Out-of-range labels are meanwhile used as class 0."""
+    reads the flags where it reads its losses. Out-of-range labels are meanwhile clamped into the classes."""
     before, _DEFERRED[0] = _DEFERRED[0], on
     try:
         yield
@@ -97,11 +97,15 @@ def class_labels(layer: Layer, label: Tensor, outer: int, inner: int, num_classe
     lab = label.detach().reshape(outer, inner).to(torch.long)
     valid = lab != ignore_label if ignore_label is not None else torch.ones_like(lab, dtype=torch.bool)
     if _DEFERRED[0]:
-        in_range = (lab >= 0) & (lab < num_classes)
+        # The index clamped into the classes, the flag from comparing it with the label: 4 kernels (6 with an
+        # ignore_label) where a mask of the range and a where took 10, and a GPU step is bound by its launches.
+        # Ignored positions keep their clamped index: every consumer masks them with ``valid``.
         if getattr(layer, "labels_ok", None) is None:
             layer.labels_ok, layer.label_classes = torch.ones((), dtype=torch.bool, device=lab.device), num_classes
-        layer.labels_ok.logical_and_((in_range | ~valid).all())
-        return torch.where(valid & in_range, lab, torch.zeros_like(lab)), valid
+        index = lab.clamp(0, num_classes - 1)
+        fits = index == lab
+        layer.labels_ok.logical_and_((fits if ignore_label is None else fits | ~valid).all())
+        return index, valid
     if ignore_label is None and lab.numel():
         # One pass for the common case; a bad label falls through to the report naming the first one.
         low, high = (int(v) for v in torch.aminmax(lab))
