@@ -104,8 +104,12 @@ def layer_case(folder: Path, gpu: str | None, engine: str | None) -> dict:
                     argv += [flag, f"{name}={path}"]
             err = io.StringIO()
             with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-                if egomotion(argv):
-                    raise RuntimeError(err.getvalue().strip().splitlines()[-1])
+                try:
+                    code = egomotion(argv)
+                except SystemExit as e:  # argparse refusing the command line: this case fails, the check goes on
+                    code = e.code
+            if code:
+                raise RuntimeError((err.getvalue().strip().splitlines() or [f"exit code {code}"])[-1])
             for kind, sub, key in (("blobs", "", "forward"), ("diffs", "diffs", "backward"),
                                    ("param_diffs", "param_diffs", "backward")):
                 for ours in sorted((out / sub).glob("*.npy")):
