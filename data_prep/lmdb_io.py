@@ -21,7 +21,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import lmdb
@@ -159,18 +159,20 @@ class LMDBReader:
             return KeyList(list(self.txn.cursor().iternext(keys=True, values=False)))
 
     def get(self, key: bytes) -> bytes:
-        return self.get_many([key])[0]
+        return next(self.values([key]))
 
-    def get_many(self, keys: list[bytes]) -> list[bytes]:
-        """The values of ``keys`` in order, under one error context (a batch of MNIST pairs reads 250)."""
+    def values(self, keys: Iterable[bytes]) -> Iterator[bytes]:
+        """The values of ``keys`` in order, under one error context (a batch of MNIST pairs reads 250: a context
+        per record cost a fifth of the data path), one at a time: a caller that decodes each before taking
+        the next lets it go at once (60 KITTI pairs held together are 18.5 MB of fresh memory per batch)."""
         txn = self.txn
         with self._reading():
-            values = [txn.get(key) for key in keys]
-        for key, value in zip(keys, values, strict=True):
-            if value is None:
-                raise CaffeError(f"{self.what + ': ' if self.what else ''}LMDB '{self.path}' has no key "
-                                 f"'{key.decode()}'")
-        return values
+            for key in keys:
+                value = txn.get(key)
+                if value is None:
+                    raise CaffeError(f"{self.what + ': ' if self.what else ''}LMDB '{self.path}' has no key "
+                                     f"'{key.decode()}'")
+                yield value
 
     def first(self) -> tuple[bytes, bytes]:
         with self._reading():
