@@ -157,7 +157,8 @@ def _timed(fn, iters: int, gpu: str | None) -> float:
 
 def eager_vs_handwritten(prototxt: Path, gpu: str | None, iters: int) -> dict:
     """Our step against the hand-written module's on one batch, same weights and device, interleaved (3
-    rounds, medians); on a GPU also the share of our step the GPU is busy, from torch's profiler."""
+    rounds, medians), and what each step launches (:func:`launch_profile`: on a GPU with the share of the
+    step the GPU is busy)."""
     import handwritten
     from bench_converter import make_inputs
 
@@ -203,8 +204,6 @@ def eager_vs_handwritten(prototxt: Path, gpu: str | None, iters: int) -> dict:
     out["ratio"] = out["ours"] / out["handwritten"]
     out["launches"] = {"ours": launch_profile(ours, min(iters, 50), gpu),
                        "handwritten": launch_profile(theirs, min(iters, 50), gpu)}
-    if gpu is not None:
-        out["gpu_busy_share"] = out["launches"]["ours"]["gpu_busy_share"]
     return out
 
 

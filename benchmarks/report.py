@@ -181,8 +181,9 @@ def gpu_section(record: dict) -> list[str]:
                      f"; `--cuda-graph` failed: {graph}" if graph else "") + ".", ""]
     eager = record.get("eager_vs_handwritten")
     if eager:
-        busy = f"; the GPU is busy {eager['gpu_busy_share']:.0%} of our step (profiler)" if "gpu_busy_share" in eager \
-            else ""
+        ours_launches = eager.get("launches", {}).get("ours", {})
+        busy = f"; the GPU is busy {ours_launches['gpu_busy_share']:.0%} of our step (profiler)" \
+            if "gpu_busy_share" in ours_launches else ""
         lines += [f"One step on one batch (forward, backward, SGD update): ours {eager['ours']:.2f} ms, the "
                   f"hand-written module with torch.optim.SGD {eager['handwritten']:.2f} ms: {eager['ratio']:.2f}x "
                   "(goal <= 1.05x)"
