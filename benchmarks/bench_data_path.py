@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import emit, figure, mnist_egomotion_run, ref  # noqa: E402
+from common import caffe_step, emit, figure, mnist_egomotion_run, ref  # noqa: E402
 
 GOAL_PAIRS_PER_S = 100_000  # issue 16, on 16 cores
 
@@ -95,18 +95,10 @@ def step_ms(solver: Path, workers: int, iters: int, threads: int = 1, gpu: str |
     net, sgd, feeder = trainer.net, trainer.solver, trainer.train_feeder
     fixed = feeder.next()
 
-    def step(batch) -> None:
-        for p in net.params:
-            if p.grad is not None:
-                p.grad.zero_()
-        net.loss(net(batch)).backward()
-        sgd.apply_update(sgd.learning_rate())
-        sgd.iter += 1
-
     def loop(read: bool) -> float:
         start = time.perf_counter()
         for _ in range(iters):
-            step(feeder.next() if read else fixed)
+            caffe_step(net, sgd, feeder.next() if read else fixed, gpu is not None)
         if gpu is not None:
             torch.cuda.synchronize()
         return (time.perf_counter() - start) / iters * 1e3

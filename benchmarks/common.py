@@ -120,6 +120,21 @@ def caffe_ms(net: str, threads: int, column: str = "total_ms") -> float | None:
     return None
 
 
+def caffe_step(net, solver, batch: dict, on_gpu: bool) -> None:
+    """One training iteration as ``runner.train.Trainer`` runs it: diffs cleared, the forward with Caffe's
+    loss, the backward, Caffe's update. On a GPU the labels are checked on the device, as in the trainer's
+    GPU step, so the step never waits to read them back."""
+    from converter.layers.loss import deferred_label_checks
+
+    for p in net.params:
+        if p.grad is not None:
+            p.grad.zero_()
+    with deferred_label_checks(on_gpu):
+        net.loss(net(batch)).backward()
+    solver.apply_update()
+    solver.iter += 1
+
+
 def mnist_egomotion_run(folder: Path, images, pairs: int) -> Path:
     """The MNIST experiment's egomotion run (its files as they are, SCALE=full), resolved by the experiment
     engine over ``pairs`` generated pairs (validation = training), with no test phase or snapshot; returns

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import RESULTS, mnist_egomotion_run  # noqa: E402
+from common import RESULTS, caffe_step, mnist_egomotion_run  # noqa: E402
 from gemm_peak import gemm_runs  # noqa: E402
 
 from tests.golden import LAYER_CASES  # noqa: E402
@@ -164,7 +164,6 @@ def eager_vs_handwritten(prototxt: Path, gpu: str | None, iters: int) -> dict:
 
     from converter import caffe_pb2
     from converter.io import filter_net, net_state, read_net
-    from converter.layers.loss import deferred_label_checks
     from converter.net import CaffeNet
     from runner.solver import Solver
 
@@ -181,13 +180,7 @@ def eager_vs_handwritten(prototxt: Path, gpu: str | None, iters: int) -> dict:
     opt = torch.optim.SGD(hand.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, foreach=True)
 
     def ours() -> None:
-        for p in net.params:
-            if p.grad is not None:
-                p.grad.zero_()
-        with deferred_label_checks(gpu is not None):  # as the trainer's GPU step: no label range read back
-            net.loss(net(inputs)).backward()
-        solver.apply_update()
-        solver.iter += 1
+        caffe_step(net, solver, inputs, gpu is not None)
 
     def theirs() -> None:
         opt.zero_grad(set_to_none=False)
